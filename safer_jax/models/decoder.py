@@ -1,0 +1,206 @@
+"""The one Flax NNX decoder: Llama, Mistral, Qwen2/2.5 and Qwen3 by config.
+
+Layer parameters are stored stacked, `[L, ...]`, in both execution modes: `scan_layers`
+runs them with `jax.lax.scan` (compile time flat in depth), otherwise an unrolled Python
+loop slices them. Checkpoints, sharding rules and the HF mapping are thus identical in both
+modes. Every parameter carries `logical_axes` metadata that `safer_jax.sharding` resolves.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from safer_jax.models.attention import attention
+from safer_jax.models.config import DecoderConfig
+from safer_jax.models.rope import apply_rope, inv_frequencies, rope_tables
+from safer_jax.sharding import constrain
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as transformers: statistics in float32, scaled in the input dtype."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions `[B, T]` restarting at 0 at each segment start (packed rows)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+# name -> (per-layer shape fn, logical axes, init) for the stacked layer parameters
+def layer_param_specs(cfg: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    specs = {
+        "attn_norm": ((d,), ("norm",), "ones"),
+        "wq": ((d, n, h), ("embed", "heads", "head_dim"), "normal"),
+        "wk": ((d, k, h), ("embed", "kv_heads", "head_dim"), "normal"),
+        "wv": ((d, k, h), ("embed", "kv_heads", "head_dim"), "normal"),
+        "wo": ((n, h, d), ("heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((d,), ("norm",), "ones"),
+        "w_gate": ((d, f), ("embed", "mlp"), "normal"),
+        "w_up": ((d, f), ("embed", "mlp"), "normal"),
+        "w_down": ((f, d), ("mlp", "embed"), "normal"),
+    }
+    if cfg.qkv_bias:
+        specs |= {
+            "bq": ((n, h), ("heads", "head_dim"), "zeros"),
+            "bk": ((k, h), ("kv_heads", "head_dim"), "zeros"),
+            "bv": ((k, h), ("kv_heads", "head_dim"), "zeros"),
+        }
+    if cfg.o_bias:
+        specs["bo"] = ((d,), ("norm",), "zeros")
+    if cfg.qk_norm:
+        specs |= {"q_norm": ((h,), ("norm",), "ones"), "k_norm": ((h,), ("norm",), "ones")}
+    return specs
+
+
+def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def layer_forward(
+    cfg: DecoderConfig,
+    mesh: Mesh | None,
+    p: dict[str, jax.Array],  # one layer's parameters (no leading L)
+    x: jax.Array,  # [B, T, D]
+    sin: jax.Array,  # [B, T, H]
+    cos: jax.Array,
+    segment_ids: jax.Array,  # [B, T]
+    index: jax.Array,  # [B, T]
+    window: jax.Array | int,
+) -> jax.Array:
+    """One pre-norm block: x + attn(norm(x)); x + swiglu(norm(x))."""
+    dt = x.dtype
+    w = {k: v.astype(dt) for k, v in p.items()}
+    h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    q = constrain(apply_rope(q, sin, cos), mesh, ("batch", "length", "act_heads", None))
+    k = constrain(apply_rope(k, sin, cos), mesh, ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, mesh, ("batch", "length", "act_kv_heads", None))
+    o = attention(q, k, v, segment_ids, segment_ids, index, index, window, cfg.attention)
+    o = jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+    if cfg.o_bias:
+        o = o + w["bo"]
+    x = constrain(x + o, mesh, ("batch", "length", "act_embed"))
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("BTD,DF->BTF", h, w["w_gate"])
+    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
+    act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "length", "act_mlp"))
+    x = x + jnp.einsum("BTF,FD->BTD", act, w["w_down"])
+    return constrain(x, mesh, ("batch", "length", "act_embed"))
+
+
+class DecoderLayers(nnx.Module):
+    """All transformer blocks, parameters stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.names = tuple(layer_param_specs(cfg))
+        pdt = jnp.dtype(cfg.param_dtype)
+        for name, (shape, axes, kind) in layer_param_specs(cfg).items():
+            value = _init(kind, rngs.params(), (cfg.num_layers, *shape), pdt)
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+    def __call__(self, cfg, mesh, x, sin, cos, segment_ids, index):
+        params = {name: getattr(self, name)[...] for name in self.names}
+        fn = functools.partial(layer_forward, cfg, mesh)
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
+
+            def body(carry, layer):
+                p, window = layer
+                return fn(p, carry, sin, cos, segment_ids, index, window), None
+
+            x, _ = jax.lax.scan(body, x, (params, windows))
+            return x
+        for i in range(cfg.num_layers):
+            p = {k: v[i] for k, v in params.items()}
+            x = fn(p, x, sin, cos, segment_ids, index, cfg.sliding_windows[i])
+        return x
+
+
+class Decoder(nnx.Module):
+    """Causal LM. `model(input_ids [B, T], positions=None, segment_ids=None)` -> logits f32 `[B, T, V]`."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={cfg.remat!r} unknown; choose from {sorted(REMAT_POLICIES)}")
+        self.config = cfg
+        self.mesh = mesh
+        pdt = jnp.dtype(cfg.param_dtype)
+        v, d = cfg.vocab_size, cfg.hidden_size
+        self.embed = nnx.Param(_init("normal", rngs.params(), (v, d), pdt), logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), pdt), logical_axes=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_init("normal", rngs.params(), (d, v), pdt), logical_axes=("embed", "vocab"))
+        self.inv_freq = tuple(inv_frequencies(cfg).tolist())  # static: plain floats, hashable
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,  # [B, T] int
+        positions: jax.Array | None = None,  # [B, T]
+        segment_ids: jax.Array | None = None,  # [B, T], 0 = padding
+    ) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]` in the compute dtype (for chunked losses)."""
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        positions = jnp.asarray(positions, jnp.int32)
+        index = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        dt = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
+        sin, cos = rope_tables(positions, np.asarray(self.inv_freq, np.float32))
+        x = self.layers(cfg, self.mesh, x, sin, cos, segment_ids, index)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+    def output_weights(self) -> jax.Array:
+        """The `[D, V]` output projection (the embedding, transposed, when tied)."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        x = self.hidden_states(input_ids, positions, segment_ids)
+        w = self.output_weights().astype(x.dtype)
+        acc = jnp.promote_types(x.dtype, jnp.float32)  # float32 logits (float64 under x64 tests)
+        logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=acc)
+        return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))

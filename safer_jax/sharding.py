@@ -1,0 +1,126 @@
+"""Mesh construction and the one logical-axis -> mesh-axis rules table.
+
+Parameters and activations name their dimensions with logical axes ("embed", "heads", ...);
+`LOGICAL_AXIS_RULES` maps each to mesh axes. A dimension that its mesh axes do not divide
+(SmolLM2's 9 heads on tensor=2) is replicated on those axes instead of failing, and that
+fallback is logged once per (logical axis, size, mesh axes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from safer_jax.config import MeshConfig
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None = replicated). The single source of sharding truth.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+_logged_fallbacks: set[tuple[str, int, tuple[str, ...]]] = set()
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axis types (compiler-propagated sharding)."""
+    config = config or MeshConfig()
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [config.data, config.fsdp, config.tensor]
+    n = len(devices)
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {config.shape()}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {config.shape()}")
+    known = math.prod(s for s in sizes if s != -1)
+    if free:
+        if n % known:
+            raise ValueError(f"mesh: {n} devices are not divisible by the fixed axes {config.shape()}")
+        sizes[free[0]] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
+    """PartitionSpec for `logical_axes`; with `shape` and `mesh`, drop mesh axes that do not divide.
+
+    A mesh axis is used at most once per spec (the first dimension that claims it wins), and
+    mesh axes of size 1 are dropped so specs stay readable.
+    """
+    used: set[str] = set()
+    out: list[str | tuple[str, ...] | None] = []
+    for i, name in enumerate(logical_axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in LOGICAL_AXIS_RULES:
+            raise KeyError(f"no sharding rule for logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}")
+        axes = tuple(a for a in (LOGICAL_AXIS_RULES[name] or ()) if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = math.prod(mesh.shape[a] for a in axes)
+                if shape[i] % size:
+                    key = (name, int(shape[i]), axes)
+                    if key not in _logged_fallbacks:
+                        _logged_fallbacks.add(key)
+                        log.warning(
+                            "sharding: %s=%d is not divisible by mesh axes %s (size %d); replicating it there",
+                            name, shape[i], axes, size,
+                        )
+                    axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation; a no-op without a mesh (the same code path)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    """Put host arrays `[B, ...]` on the mesh, batch on ("data", "fsdp")."""
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        spec = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape)
+        out[k] = jax.device_put(v, spec)
+    return out

