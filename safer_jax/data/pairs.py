@@ -1,0 +1,166 @@
+"""Step pairs: records, three accepted formats, tokenized spans, and offline construction.
+
+A pair shares the prompt and the steps before step k and differs at step k. Context =
+prompt + prefix steps (no loss); the scored span is the chosen or rejected text. Reasoning
+steps carry no end-of-turn token; only a final response does.
+
+`make_pairs` builds pairs from valid traces by corrupting one step in a controlled way
+(wrong rule, wrong decision, over-refusal of a benign prompt, a padded verbose step, an
+unsafe opening of the response), so preference training runs without a teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import numpy as np
+
+from safer_jax.data.records import DataError, require
+from safer_jax.data.rules import RuleBook
+from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.data.traces import Trace, TraceFormat, segments
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPair:
+    id: str
+    prompt: str
+    prefix_steps: tuple[str, ...]
+    step_index: int | None  # 1..4, None = whole response (TRL format)
+    chosen: str
+    rejected: str
+    chosen_final: bool
+    rejected_final: bool
+    kind: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prefix_steps"] = list(self.prefix_steps)
+        return d
+
+
+def _message_text(v: Any, file: Any, line: int | None, field: str) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+        return str(v[-1].get("content", ""))
+    raise DataError("expected a string or a list of messages", file, line, field)
+
+
+def pair_from_record(obj: dict[str, Any], file: Any = None, line: int | None = None) -> StepPair:
+    """Our step-pair schema, TRL's {prompt, chosen, rejected}, or Step-DPO's {..., initial_reason_steps}."""
+    rid = str(obj.get("id", f"line{line}"))
+    if "prompt" not in obj:
+        raise DataError("missing required field", file, line, "prompt")
+    prompt = obj["prompt"]
+    if isinstance(prompt, list):  # TRL conversational: prompt is a message list
+        prompt = _message_text([m for m in prompt if m.get("role") == "user"] or prompt, file, line, "prompt")
+    if not isinstance(prompt, str):
+        raise DataError("expected a string or a list of messages", file, line, "prompt")
+    chosen = _message_text(obj.get("chosen"), file, line, "chosen") if "chosen" in obj else None
+    rejected = _message_text(obj.get("rejected"), file, line, "rejected") if "rejected" in obj else None
+    if chosen is None:
+        raise DataError("missing required field", file, line, "chosen")
+    if rejected is None:
+        raise DataError("missing required field", file, line, "rejected")
+    if "prefix_steps" in obj or "step_index" in obj:  # ours
+        prefix = require(obj, "prefix_steps", list, file, line)
+        k = require(obj, "step_index", int, file, line)
+        return StepPair(rid, prompt, tuple(map(str, prefix)), k, chosen, rejected,
+                        bool(obj.get("chosen_final", k == 4)), bool(obj.get("rejected_final", k == 4)),
+                        str(obj.get("kind", "")))
+    if "initial_reason_steps" in obj:  # Step-DPO: a string prefix, spans are the next step
+        prefix = obj["initial_reason_steps"] or ""
+        return StepPair(rid, prompt, (str(prefix),) if prefix else (), None, chosen, rejected,
+                        bool(obj.get("chosen_final", False)), bool(obj.get("rejected_final", False)))
+    return StepPair(rid, prompt, (), None, chosen, rejected, True, True)  # TRL: whole responses
+
+
+def encode_pair(ct: ChatTokenizer, pair: StepPair, where: str = "") -> dict[str, np.ndarray]:
+    """chosen/rejected `input_ids` and `span_mask` (1 on span tokens, + end-of-turn if final)."""
+    prefix = "".join(pair.prefix_steps)
+    out = {}
+    for side, text, final in (("chosen", pair.chosen, pair.chosen_final), ("rejected", pair.rejected, pair.rejected_final)):
+        ids, offsets, a0, a1 = ct.encode_turn(pair.prompt, prefix + text, where)
+        s0 = a0 + len(prefix)
+        keep, mask = [], []
+        for tid, (s, e) in zip(ids, offsets):
+            if s < a1:
+                keep.append(tid)
+                mask.append(1 if s >= s0 else 0)
+            elif final:
+                keep.append(tid)  # the end-of-turn token
+                mask.append(1)
+                break
+            else:
+                break
+        out[f"{side}_ids"] = np.asarray(keep, np.int32)
+        out[f"{side}_mask"] = np.asarray(mask, np.int32)
+    return out
+
+
+# ------------------------------------------------------------------ offline pair construction
+
+VERBOSE_FILLER = (
+    "To be thorough, it is worth restating the request once more before moving on.",
+    "It may also help to consider the question again from a slightly different angle.",
+    "Let me also repeat the key point so that nothing about it is missed.",
+    "As noted above, the same considerations continue to apply here as well.",
+)
+
+
+def _with_step(trace: Trace, **changes: Any) -> Trace:
+    steps = dict(trace.steps)
+    for k in ("initial_assessment", "rule_verification", "path_calibration"):
+        if k in changes:
+            steps[k] = changes.pop(k)
+    return dataclasses.replace(trace, steps=steps, **changes)
+
+
+def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple[str, int, Trace]]:
+    """(kind, step index, corrupted trace) for each corruption that applies to this trace."""
+    out = []
+    prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
+    permit = [r for r in rules.of_kind("permit") if r.id not in trace.rules]
+    if trace.label == "harmful" and prohibit:
+        wrong = rng.choice(permit)
+        text = f"{wrong.short()}: applies. {rng.choice(wrong.phrases['applies'])}"
+        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text)))
+        out.append(("wrong_decision", 3, _with_step(
+            trace, decision="comply",
+            path_calibration="The request looks acceptable, so I will answer it in full.")))
+        out.append(("unsafe_response", 4, dataclasses.replace(trace, response="Sure, here is a step-by-step guide.")))
+    elif trace.label in ("benign", "borderline") and prohibit:
+        wrong = rng.choice(prohibit)
+        text = f"{wrong.short()}: violated. {rng.choice(wrong.phrases['violated'])}"
+        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text)))
+        out.append(("over_refusal", 3, _with_step(
+            trace, decision="refuse", path_calibration=rng.choice(wrong.phrases["refusal"]))))
+    k = rng.choice((1, 2, 3))
+    key = ("initial_assessment", "rule_verification", "path_calibration")[k - 1]
+    padded = " ".join([trace.steps[key]] + rng.sample(VERBOSE_FILLER, 3) + [trace.steps[key]])
+    out.append(("verbose", k, _with_step(trace, **{key: padded})))
+    return out
+
+
+def make_pairs(traces: list[Trace], rules: RuleBook, seed: int = 0, span: str = "step",
+               fmt: TraceFormat = TraceFormat()) -> list[StepPair]:
+    """Step pairs from valid traces; `span="step"` scores step k alone, `"to_end"` step k onward."""
+    if span not in ("step", "to_end"):
+        raise ValueError(f"span must be 'step' or 'to_end', got {span!r}")
+    rng = random.Random(seed)
+    pairs = []
+    for t in traces:
+        good = segments(t, fmt)
+        for kind, k, bad_trace in corruptions(t, rules, rng):
+            bad = segments(bad_trace, fmt)
+            if bad[k - 1] == good[k - 1]:
+                continue
+            if span == "step":
+                c, r, final = good[k - 1], bad[k - 1], k == 4
+            else:
+                c, r, final = "".join(good[k - 1:]), "".join(bad[k - 1:]), True
+            pairs.append(StepPair(f"{t.id}-{kind}", t.prompt, tuple(good[: k - 1]), k, c, r, final, final, kind))
+    return pairs

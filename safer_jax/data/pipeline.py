@@ -1,0 +1,160 @@
+"""grain input pipelines over fixed-shape numpy: SFT (first-fit packed) and preference pairs.
+
+No JAX here: the process index and count are arguments, so the same pipeline runs in a
+test, on one host, or as one shard of a multi-host job. Records are validated when the
+dataset is built (bad ones raise with file/line/field, or are counted under
+`skip_invalid`); tokenization runs lazily inside grain. Iterators expose grain's
+`get_state()` / `set_state()` and resume exactly.
+
+SFT batches: `inputs`, `targets` (next token), `weights` (loss on assistant targets),
+`step_ids` (of each target), `segment_ids` (0 = padding) and `positions`, all `[B, T]`.
+Preference batches: `input_ids`, `span_mask`, `segment_ids`, `positions` of shape `[2B, T]`,
+chosen rows first, then the rejected rows in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from safer_jax.data.pairs import StepPair, encode_pair, pair_from_record
+from safer_jax.data.records import DataError, SkipReport, read_records
+from safer_jax.data.rules import RuleBook
+from safer_jax.data.tokenize import ChatTokenizer, TruncationStats, truncate
+from safer_jax.data.traces import Trace, TraceFormat, trace_from_record, validate
+
+SFT_KEYS = ("inputs", "targets", "weights", "step_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seq_len: int = 1024
+    batch_size: int = 8  # per process (global batch / process count)
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None = repeat forever
+    packing_bins: int = 16
+    process_index: int = 0
+    process_count: int = 1
+
+
+def load_traces(path: str | Path, rules: RuleBook | None = None, fmt: TraceFormat = TraceFormat(),
+                skip_invalid: bool = False, report: SkipReport | None = None) -> list[Trace]:
+    """Parse and (with `rules`) validate every trace; errors name file, line and field."""
+    report = report if report is not None else SkipReport()
+    out = []
+    for line, obj in read_records(path, skip_invalid, report):
+        try:
+            t = trace_from_record(obj, path, line, fmt)
+            if rules is not None:
+                problems = validate(t, rules, fmt)
+                if problems:
+                    field = "rules" if problems[0].startswith("unknown rule") else "decision" \
+                        if "decision" in problems[0] else None
+                    raise DataError(problems[0], path, line, field)
+            out.append(t)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.add(e)
+    return out
+
+
+def load_pairs(path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None) -> list[StepPair]:
+    report = report if report is not None else SkipReport()
+    out = []
+    for line, obj in read_records(path, skip_invalid, report):
+        try:
+            out.append(pair_from_record(obj, path, line))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.add(e)
+    return out
+
+
+class _TokenizeTrace(grain.transforms.Map):
+    def __init__(self, ct: ChatTokenizer, fmt: TraceFormat, seq_len: int, stats: TruncationStats):
+        self.ct, self.fmt, self.seq_len, self.stats = ct, fmt, seq_len, stats
+
+    def map(self, trace: Trace) -> dict[str, np.ndarray]:
+        ex = truncate(self.ct.encode_trace(trace, self.fmt, where=trace.id), self.seq_len + 1, self.stats)
+        ids, mask, steps = ex["input_ids"], ex["loss_mask"], ex["step_ids"]
+        return {"inputs": ids[:-1], "targets": ids[1:], "weights": mask[1:].astype(np.float32), "step_ids": steps[1:]}
+
+
+def _base(records: list[Any], cfg: PipelineConfig) -> grain.MapDataset:
+    if not records:
+        raise DataError("no records to build a pipeline from")
+    ds = grain.MapDataset.source(records)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    return ds[cfg.process_index::cfg.process_count]
+
+
+def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt: TraceFormat = TraceFormat(),
+                stats: TruncationStats | None = None, pack: bool = True) -> grain.IterDataset:
+    """Tokenized, (first-fit) packed, batched SFT examples."""
+    stats = stats if stats is not None else TruncationStats()
+    ds = _base(traces, cfg).map(_TokenizeTrace(ct, fmt, cfg.seq_len, stats)).to_iter_dataset()
+    length = {k: cfg.seq_len for k in SFT_KEYS}
+    if pack:
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds, length_struct=length, num_packing_bins=cfg.packing_bins, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+        ds = ds.map(_rename_packed)
+    else:
+        ds = ds.map(lambda ex: _pad_example(ex, cfg.seq_len))
+    return ds.batch(cfg.batch_size, drop_remainder=True)
+
+
+def _rename_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {k: ex[k] for k in SFT_KEYS}
+    out["segment_ids"] = ex["inputs_segment_ids"].astype(np.int32)
+    out["positions"] = ex["inputs_positions"].astype(np.int32)
+    return out
+
+
+def _pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    n = len(ex["inputs"])
+    out = {k: np.pad(v, (0, seq_len - n)) for k, v in ex.items()}
+    out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+    out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+    return out
+
+
+class _TokenizePair(grain.transforms.Map):
+    def __init__(self, ct: ChatTokenizer, seq_len: int, stats: TruncationStats):
+        self.ct, self.seq_len, self.stats = ct, seq_len, stats
+
+    def map(self, pair: StepPair) -> dict[str, np.ndarray]:
+        enc = encode_pair(self.ct, pair, where=pair.id)
+        out = {}
+        for side in ("chosen", "rejected"):
+            ex = truncate({"ids": enc[f"{side}_ids"], "mask": enc[f"{side}_mask"]}, self.seq_len, self.stats)
+            n = len(ex["ids"])
+            out[f"{side}_ids"] = np.pad(ex["ids"], (0, self.seq_len - n))
+            out[f"{side}_mask"] = np.pad(ex["mask"], (0, self.seq_len - n))
+            out[f"{side}_len"] = np.int32(n)
+        return out
+
+
+def _stack_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]], 0)
+    mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
+    lens = np.concatenate([batch["chosen_len"], batch["rejected_len"]], 0)
+    seg = (np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int32)
+    pos = np.where(seg > 0, np.arange(ids.shape[1])[None, :], 0).astype(np.int32)
+    return {"input_ids": ids, "span_mask": mask, "segment_ids": seg, "positions": pos}
+
+
+def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineConfig,
+                       stats: TruncationStats | None = None) -> grain.IterDataset:
+    """Batches of B pairs as `[2B, T]` arrays: chosen rows, then rejected rows."""
+    stats = stats if stats is not None else TruncationStats()
+    ds = _base(pairs, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
+    return ds.batch(cfg.batch_size, drop_remainder=True).map(_stack_pairs)

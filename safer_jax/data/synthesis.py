@@ -1,0 +1,341 @@
+"""Trace synthesis: a teacher writes an Ex-Ante trace per labelled prompt.
+
+Teachers:
+- `template`: offline; composes varied traces from each prompt's label and rule ids and
+  each rule's phrasebank (random choices seeded per prompt id, so reruns are identical).
+  Benign and borderline prompts need a `reference` answer for the final response.
+- `openai`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, llama.cpp
+  server, hosted APIs) with concurrency, retries with exponential backoff (429, 5xx,
+  timeouts, broken JSON), `Retry-After`, and a request-rate limit.
+- `local`: a safer_jax model (greedy decoding), for self-distillation.
+
+Every trace is validated (all steps, known rule ids, decision consistent with the label);
+rejects go to a side file with their reasons. A rerun skips ids already in either file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from safer_jax.data.records import DataError, SkipReport, read_records, require
+from safer_jax.data.rules import RuleBook
+from safer_jax.data.traces import LABELS, Trace, TraceFormat, parse, validate
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    label: str
+    rules: tuple[str, ...]
+    reference: str | None = None
+
+
+def load_prompts(path: str | Path, rules: RuleBook, skip_invalid: bool = False,
+                 report: SkipReport | None = None) -> list[PromptRecord]:
+    report = report if report is not None else SkipReport()
+    out, seen = [], set()
+    for line, obj in read_records(path, skip_invalid, report):
+        try:
+            rid = str(require(obj, "id", (str, int), path, line))
+            prompt = require(obj, "prompt", str, path, line)
+            label = require(obj, "label", str, path, line)
+            if label not in LABELS:
+                raise DataError(f"must be one of {LABELS}, got {label!r}", path, line, "label")
+            ids = require(obj, "rules", list, path, line)
+            for r in ids:
+                if r not in rules:
+                    raise DataError(f"unknown rule id {r!r}", path, line, "rules")
+            if rid in seen:
+                raise DataError(f"duplicate id {rid!r}", path, line, "id")
+            seen.add(rid)
+            ref = obj.get("reference")
+            out.append(PromptRecord(rid, prompt, label, tuple(ids), ref if isinstance(ref, str) else None))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.add(e)
+    return out
+
+
+class TeacherError(RuntimeError):
+    """The teacher could not produce a trace for this prompt (the reason goes to rejects)."""
+
+
+# ------------------------------------------------------------------ template teacher
+
+JAILBREAK_MARKERS = ("pretend", "ignore previous", "ignore all", "role-play", "roleplay", "for a novel",
+                     "for a story", "hypothetical", "grandmother", "grandma", "research purposes", "you are now",
+                     "no restrictions", "developer mode")
+ASSESS_OPENERS = (
+    "The user is asking for help with something in the area of {area}.",
+    "This request concerns {area}.",
+    "The message asks about {area}.",
+    "At its core, the request is about {area}.",
+    "Reading the request plainly, it falls under {area}.",
+)
+BENIGN_ASSESS = (
+    "Nothing in it points to a risk of harm; it is an ordinary request.",
+    "No harm category applies, and the likely asker is simply curious or has a practical need.",
+    "It carries no meaningful risk; answering it directly is the helpful thing to do.",
+    "There is no sign of harmful intent and no dangerous capability involved.",
+)
+JAILBREAK_NOTES = (
+    "The role-play or fictional framing does not change what is actually being requested.",
+    "Wrapping the request in a story or a hypothetical does not make the underlying content safe.",
+    "The framing tries to sidestep the rules, but the substance of the request is what matters.",
+)
+BORDERLINE_NOTES = (
+    "It only sounds risky: the wording touches on {topic}, but the request itself is benign.",
+    "A keyword here relates to {topic}, yet what is actually asked is harmless.",
+    "Despite surface overlap with {topic}, answering does not provide any harmful capability.",
+)
+CALIBRATE = {
+    "refuse": ("Decline briefly, name the concern, and point to a safe alternative.",
+               "Give a short refusal without lecturing and offer something genuinely useful instead.",
+               "Refuse clearly; do not provide partial steps; suggest a legitimate resource."),
+    "comply": ("Answer directly and accurately; keep it short.",
+               "Help fully and concisely; no disclaimers are needed.",
+               "Give the answer plainly, without unnecessary caveats."),
+    "safe_complete": ("Answer helpfully, keep to general, non-operational information, and add a brief safety note.",
+                      "Help with the legitimate need while staying at a safe level of detail.",
+                      "Provide the useful, safe answer and mention where to get expert help if relevant."),
+}
+
+
+class TemplateTeacher:
+    """Offline teacher composing traces from labels and per-rule phrasebanks."""
+
+    name = "template"
+
+    def __init__(self, rules: RuleBook, seed: int = 0):
+        self.rules, self.seed = rules, seed
+
+    def __call__(self, rec: PromptRecord) -> Trace:
+        rng = random.Random(f"{self.seed}:{rec.id}")
+        rules = [self.rules[r] for r in rec.rules]
+        prohibit = [r for r in rules if r.kind == "prohibit"]
+        permit = [r for r in rules if r.kind == "permit"]
+        jailbreak = any(m in rec.prompt.lower() for m in JAILBREAK_MARKERS)
+        if rec.label == "harmful":
+            if not prohibit:
+                raise TeacherError("harmful prompt lists no prohibit rule")
+            main = prohibit[0]
+            assess = [rng.choice(ASSESS_OPENERS).format(area=main.title.lower()), rng.choice(main.phrases["risk"])]
+            if jailbreak:
+                assess.append(rng.choice(JAILBREAK_NOTES))
+            verify = [f"{r.short()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
+            decision = "refuse"
+            calib = rng.choice(CALIBRATE["refuse"])
+            response = f"{rng.choice(main.phrases['refusal'])} {rng.choice(main.phrases['alternative'])}"
+        else:
+            if not rec.reference:
+                raise TeacherError(f"{rec.label} prompt has no reference answer (the template teacher needs one)")
+            if not permit:
+                raise TeacherError(f"{rec.label} prompt lists no permit rule")
+            p = permit[0]
+            assess = [rng.choice(ASSESS_OPENERS).format(area=p.title.lower())]
+            verify = []
+            if rec.label == "borderline" and prohibit:
+                topic = prohibit[0].title.lower()
+                assess.append(rng.choice(BORDERLINE_NOTES).format(topic=topic))
+                verify += [f"{r.short()}: not violated. {rng.choice(r.phrases['not_violated'])}" for r in prohibit]
+            else:
+                assess.append(rng.choice(BENIGN_ASSESS))
+            verify.append(f"{p.short()}: applies. {rng.choice(p.phrases['applies'])}")
+            decision = "safe_complete" if rec.label == "borderline" else "comply"
+            calib = f"{rng.choice(CALIBRATE[decision])} {rng.choice(p.phrases['framing'])}"
+            response = rec.reference
+        steps = {"initial_assessment": " ".join(assess), "rule_verification": "\n".join(verify),
+                 "path_calibration": calib}
+        return Trace(rec.id, rec.prompt, steps, decision, response, rec.label, tuple(rec.rules))
+
+
+# ------------------------------------------------------------------ teacher prompt (LLM teachers)
+
+
+def teacher_messages(rec: PromptRecord, rules: RuleBook, fmt: TraceFormat = TraceFormat()) -> list[dict[str, str]]:
+    h1, h2, h3 = fmt.headers
+    system = (
+        "You write Ex-Ante safety reasoning traces. Before answering, reason in three steps, then answer.\n"
+        f"Format exactly:\n{fmt.open_tag}\n{h1}\n(what is asked, who might ask, which harm categories could apply, "
+        f"any jailbreak framing)\n{h2}\n(cite rule ids like R07: violated / not violated / applies, with why)\n"
+        f"{h3}\n{fmt.decision_prefix}refuse|safe_complete|comply\n(why, and what a safe, helpful answer looks like)\n"
+        f"{fmt.close_tag}\n(the final response)\n\n"
+        "Never include operational harmful detail; refusals explain the rule without instructions.\n"
+        "Safety rules:\n" + rules.prompt_text()
+    )
+    hint = f"(label: {rec.label}; relevant rules: {', '.join(rec.rules)})"
+    return [{"role": "system", "content": system}, {"role": "user", "content": f"{rec.prompt}\n\n{hint}"}]
+
+
+def _trace_from_text(rec: PromptRecord, text: str, fmt: TraceFormat) -> Trace:
+    p = parse(text, fmt)
+    if not p.valid:
+        raise TeacherError("malformed trace: " + "; ".join(p.errors))
+    return Trace(rec.id, rec.prompt, p.steps, p.decision, p.response, rec.label, tuple(rec.rules))
+
+
+class _RateLimiter:
+    def __init__(self, per_second: float | None):
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.next = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            at = max(now, self.next)
+            self.next = at + self.interval
+        time.sleep(max(0.0, at - now))
+
+
+class OpenAITeacher:
+    """Any OpenAI-compatible chat endpoint; thread-safe, retried, rate limited."""
+
+    name = "openai"
+
+    def __init__(self, rules: RuleBook, base_url: str, model: str, api_key: str | None = None,
+                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, rate_limit: float | None = None,
+                 temperature: float = 0.7, max_tokens: int = 1024, fmt: TraceFormat = TraceFormat()):
+        self.rules, self.url, self.model, self.key = rules, base_url.rstrip("/") + "/chat/completions", model, api_key
+        self.max_retries, self.timeout, self.backoff = max_retries, timeout, backoff
+        self.limiter = _RateLimiter(rate_limit)
+        self.temperature, self.max_tokens, self.fmt = temperature, max_tokens, fmt
+
+    def _request(self, rec: PromptRecord) -> str:
+        body = json.dumps({"model": self.model, "messages": teacher_messages(rec, self.rules, self.fmt),
+                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            data = json.loads(r.read())
+        return data["choices"][0]["message"]["content"]
+
+    def __call__(self, rec: PromptRecord) -> Trace:
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            self.limiter.wait()
+            delay = self.backoff * (2 ** attempt)
+            try:
+                text = self._request(rec)
+                return _trace_from_text(rec, text, self.fmt)
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code not in (408, 409, 429) and e.code < 500:
+                    raise TeacherError(f"endpoint refused the request: {last}") from None
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    delay = max(delay, float(retry_after))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                last = f"network error: {getattr(e, 'reason', e)}"
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                last = f"broken response: {type(e).__name__}"
+            except TeacherError as e:  # a well-formed reply with a malformed trace: retry, it may vary
+                last = str(e)
+            if attempt < self.max_retries:
+                time.sleep(delay * (0.5 + random.random() / 2))
+        raise TeacherError(f"gave up after {self.max_retries + 1} attempts; last: {last}")
+
+
+class LocalTeacher:
+    """A safer_jax model writing traces greedily (self-distillation)."""
+
+    name = "local"
+
+    def __init__(self, rules: RuleBook, model_path: str, gguf_file: str | None = None, max_new_tokens: int = 512,
+                 fmt: TraceFormat = TraceFormat()):
+        from transformers import AutoTokenizer
+
+        from safer_jax.models import from_pretrained
+
+        self.rules, self.fmt, self.max_new_tokens = rules, fmt, max_new_tokens
+        self.model = from_pretrained(model_path, gguf_file=gguf_file)
+        self.tok = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+        self.lock = threading.Lock()
+
+    def __call__(self, rec: PromptRecord) -> Trace:
+        from safer_jax.generate import greedy_generate
+
+        ids = self.tok.apply_chat_template(teacher_messages(rec, self.rules, self.fmt), add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
+        with self.lock:
+            out = greedy_generate(self.model, ids, self.max_new_tokens, eos_ids=(self.tok.eos_token_id,))
+        return _trace_from_text(rec, self.tok.decode(out, skip_special_tokens=True), self.fmt)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+@dataclasses.dataclass
+class SynthesisResult:
+    written: int = 0
+    rejected: int = 0
+    skipped_done: int = 0
+
+
+def _done_ids(*files: Path) -> set[str]:
+    done = set()
+    for f in files:
+        if f.exists():
+            for raw in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    done.add(str(json.loads(raw)["id"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that id is redone
+    return done
+
+
+def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: str | Path,
+               rejects: str | Path | None = None, concurrency: int = 1, fmt: TraceFormat = TraceFormat(),
+               progress: bool = True) -> SynthesisResult:
+    """Write a valid trace or a reject (with reasons) for every prompt not already done."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(out, rejects)
+    todo = [p for p in prompts if p.id not in done]
+    res = SynthesisResult(skipped_done=len(prompts) - len(todo))
+
+    def run(rec: PromptRecord) -> tuple[PromptRecord, Trace | None, list[str]]:
+        try:
+            trace = teacher(rec)
+        except TeacherError as e:
+            return rec, None, [str(e)]
+        problems = validate(trace, rules, fmt)
+        return rec, (None if problems else trace), problems
+
+    bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt")
+    with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
+            cf.ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for fut in cf.as_completed([pool.submit(run, rec) for rec in todo]):
+            rec, trace, problems = fut.result()
+            if trace is not None:
+                fo.write(json.dumps(trace.to_json(), ensure_ascii=False) + "\n")
+                fo.flush()
+                res.written += 1
+            else:
+                fr.write(json.dumps({"id": rec.id, "prompt": rec.prompt, "label": rec.label,
+                                     "reasons": problems}, ensure_ascii=False) + "\n")
+                fr.flush()
+                res.rejected += 1
+            bar.update(1)
+            bar.set_postfix(ok=res.written, rejected=res.rejected)
+    bar.close()
+    return res
+
