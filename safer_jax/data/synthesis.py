@@ -309,6 +309,10 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out, rejects)
+    for f in (out, rejects):  # a line cut by a crash must not swallow the next record
+        if f.exists() and f.stat().st_size and not f.read_bytes().endswith(b"\n"):
+            with open(f, "a", encoding="utf-8") as fh:
+                fh.write("\n")
     todo = [p for p in prompts if p.id not in done]
     res = SynthesisResult(skipped_done=len(prompts) - len(todo))
 
@@ -320,7 +324,7 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
         problems = validate(trace, rules, fmt)
         return rec, (None if problems else trace), problems
 
-    bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt")
+    bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt", mininterval=2.0)
     with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
             cf.ThreadPoolExecutor(max(1, concurrency)) as pool:
         for fut in cf.as_completed([pool.submit(run, rec) for rec in todo]):
@@ -335,7 +339,7 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
                 fr.flush()
                 res.rejected += 1
             bar.update(1)
-            bar.set_postfix(ok=res.written, rejected=res.rejected)
+            bar.set_postfix(ok=res.written, rejected=res.rejected, refresh=False)
     bar.close()
     return res
 

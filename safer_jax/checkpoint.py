@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a pytree train state plus the grain iterator. Knows no training code.
+
+Saves are asynchronous and keep the newest N. Orbax writes each step to a temporary
+folder and renames it when complete, so `latest_step()` only ever sees complete
+checkpoints: a process killed mid-save resumes from the previous one. Restoring takes an
+abstract target (ShapeDtypeStructs with shardings), so a checkpoint restores onto another
+mesh shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.mgr = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.mgr.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int | None, abstract_state: Any, data_iter: Any | None = None) -> Any:
+        """The state at `step` (default: latest), placed as `abstract_state` says; restores `data_iter` in place."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_state_only(self, step: int | None, abstract_state: Any) -> Any:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
+        return self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+    def wait(self) -> None:
+        self.mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mgr.wait_until_finished()
+        self.mgr.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,119 @@
+"""Run plumbing shared by the SFT and preference loops: run folders, models, tokenizers,
+batches on the mesh, preemption, and export of checkpoints to HF folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import platform
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import Mesh
+
+from safer_jax.config import ModelConfig, to_dict
+from safer_jax.sharding import named_sharding
+
+TINY_PREFIX = "tiny"
+EMBEDDED = "smollm2"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "numpy", "safer-jax")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss under on_nan=stop); the last good checkpoint is kept."""
+
+
+def write_run_files(run_dir: Path, cfg: Any) -> None:
+    """The resolved config and the package versions, on process 0."""
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    versions = {"python": platform.python_version(), "backend": jax.default_backend(),
+                "devices": len(jax.devices()), "processes": jax.process_count()}
+    for p in PACKAGES:
+        try:
+            versions[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            versions[p] = None
+    (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
+
+
+def resolve_model_path(mc: ModelConfig, run_dir: Path, texts: Any = ()) -> tuple[str, str | None]:
+    """(folder, gguf file) of the model: `tiny[:family]` is built in the run folder, `smollm2`
+    is the embedded default, anything else a folder or hub id."""
+    if mc.path.startswith(TINY_PREFIX):
+        family = mc.path.split(":", 1)[1] if ":" in mc.path else "llama"
+        folder = run_dir / "tiny-model"
+        if not (folder / "config.json").exists() and jax.process_index() == 0:
+            from safer_jax.models.tiny import build_tiny_model
+
+            build_tiny_model(folder, texts, family=family)
+        return str(folder), None
+    if mc.path == EMBEDDED:
+        from safer_jax.models.embedded import smollm2_location
+
+        folder, gguf = smollm2_location()
+        return str(folder), gguf
+    if not mc.path:
+        raise ValueError("model.path is empty: give a HF folder, a hub id, 'smollm2' or 'tiny'")
+    return mc.path, mc.gguf_file
+
+
+def load_tokenizer(path: str, gguf_file: str | None, run_dir: Path) -> Any:
+    """The tokenizer, saved once into the run folder (export and resume read it from there)."""
+    from transformers import AutoTokenizer
+
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
+    from safer_jax.models.hf_io import resolve_path
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_path(path, gguf_file)), gguf_file=gguf_file)
+    if jax.process_index() == 0:
+        tok.save_pretrained(str(saved))
+    return tok
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    """Assemble the global batch from each process's rows, batch-sharded on the mesh."""
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in local.items()}
+    out = {}
+    for k, v in local.items():
+        shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), shape)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+class Preemption:
+    """SIGTERM sets a flag; every process agrees on it at the same step."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        flag = self.flag
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def config_replace(cfg: Any, **sections: Any) -> Any:
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,66 @@
+"""The bundled rules, prompts, traces and evaluation set: sizes, disjointness, policy."""
+
+import collections
+import json
+import re
+
+from safer_jax.data import bundled
+from safer_jax.data.pipeline import load_traces
+from safer_jax.data.rules import load_rules
+from safer_jax.data.synthesis import load_prompts
+
+
+def words(text):
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def ngrams(text, n=8):
+    w = words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def test_rules_cover_the_required_ground():
+    rules = load_rules()
+    assert len(rules.of_kind("prohibit")) >= 20 and len(rules.of_kind("permit")) >= 6
+    cats = {r.category for r in rules.rules.values()}
+    for c in ("weapons", "cbrn", "malware", "violent_crime", "self_harm", "minors_sexual", "harassment", "hate",
+              "privacy", "fraud", "drugs", "extremism", "misinformation", "education", "fiction",
+              "medical_safety_info", "defensive_security"):
+        assert c in cats, c
+
+
+def test_training_prompts_and_traces():
+    rules = load_rules()
+    prompts = load_prompts(bundled("train_prompts.jsonl"), rules)
+    labels = collections.Counter(p.label for p in prompts)
+    assert len(prompts) >= 400 and all(labels[k] >= 100 for k in ("harmful", "benign", "borderline")), labels
+    assert all(p.reference for p in prompts if p.label != "harmful")
+    assert not any(p.reference for p in prompts if p.label == "harmful")
+    traces = load_traces(bundled("train_traces.jsonl"), rules)  # validated on load
+    assert {t.id for t in traces} == {p.id for p in prompts}
+
+
+def test_eval_set_sizes_and_no_8gram_overlap_with_training():
+    rules = load_rules()
+    ev = load_prompts(bundled("eval_prompts.jsonl"), rules)
+    labels = collections.Counter(p.label for p in ev)
+    assert labels["harmful"] >= 100 and labels["benign"] >= 100 and labels["borderline"] >= 50, labels
+    assert sum(1 for p in ev if p.label == "benign" and p.reference) >= 90
+    train = load_prompts(bundled("train_prompts.jsonl"), rules)
+    train_grams = set().union(*(ngrams(p.prompt) for p in train))
+    shared = [p.id for p in ev if ngrams(p.prompt) & train_grams]
+    assert not shared, f"eval prompts sharing an 8-word sequence with training: {shared}"
+    assert not {p.prompt.strip().lower() for p in ev} & {p.prompt.strip().lower() for p in train}
+
+
+def test_no_operational_detail_markers_in_bundled_text():
+    """A coarse guard: no quantities with units, code blocks or URLs in prompts, rules or traces."""
+    pattern = re.compile(r"\b\d+(\.\d+)?\s?(g|mg|kg|ml|grams|grains|liters|%)\b|```|https?://", re.I)
+    texts = [bundled("train_prompts.jsonl").read_text(), bundled("train_traces.jsonl").read_text()]
+    hits = []
+    for t in texts:
+        for line in t.splitlines():
+            obj = json.loads(line)
+            if obj.get("label") == "harmful" and pattern.search(json.dumps(obj)):
+                hits.append(obj["id"])
+    assert not hits, hits

@@ -1,0 +1,117 @@
+"""grain pipelines: packing, exact resume from iterator state, process sharding, pair layout."""
+
+import numpy as np
+import pytest
+
+from safer_jax.data import bundled
+from safer_jax.data.pairs import encode_pair, make_pairs, pair_from_record
+from safer_jax.data.pipeline import PipelineConfig, load_traces, preference_dataset, sft_dataset
+from safer_jax.data.rules import load_rules
+from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+@pytest.fixture(scope="module")
+def traces(rules):
+    return load_traces(bundled("train_traces.jsonl"), rules)
+
+
+@pytest.fixture(scope="module")
+def ct(smollm2_tokenizer):
+    return ChatTokenizer(smollm2_tokenizer)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_sft_batches_are_packed_and_shifted(traces, ct):
+    cfg = PipelineConfig(seq_len=512, batch_size=2, packing_bins=4)
+    stats = TruncationStats()
+    b = next(iter(sft_dataset(traces[:40], ct, cfg, stats=stats)))
+    assert set(b) == {"inputs", "targets", "weights", "step_ids", "segment_ids", "positions"}
+    assert all(v.shape == (2, 512) for v in b.values())
+    assert b["segment_ids"].max() >= 2  # several traces share a row
+    seg, pos = b["segment_ids"][0], b["positions"][0]
+    for s in range(1, seg.max() + 1):
+        where = np.flatnonzero(seg == s)
+        assert (pos[where] == np.arange(len(where))).all()  # positions restart per example
+    assert (b["weights"][b["segment_ids"] == 0] == 0).all()
+    assert set(np.unique(b["step_ids"][b["weights"] > 0])) <= {1, 2, 3, 4}
+    # targets are the next inputs within a segment
+    same = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
+    assert (b["targets"][0][:-1][same] == b["inputs"][0][1:][same]).all()
+
+
+def test_restored_iterator_yields_the_same_batches(traces, ct):
+    cfg = PipelineConfig(seq_len=256, batch_size=2, packing_bins=4, seed=3)
+    it = iter(sft_dataset(traces[:60], ct, cfg))
+    take(it, 3)
+    state = it.get_state()
+    expect = take(it, 4)
+    it2 = iter(sft_dataset(traces[:60], ct, cfg))
+    it2.set_state(state)
+    for a, b in zip(expect, take(it2, 4)):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_shuffle_is_deterministic_by_seed_and_processes_are_disjoint(traces, ct):
+    def first_ids(seed, index=0, count=1):
+        cfg = PipelineConfig(seq_len=256, batch_size=1, seed=seed, process_index=index, process_count=count,
+                             num_epochs=1)
+        return [tuple(b["inputs"][0][:64]) for b in sft_dataset(traces[:24], ct, cfg, pack=False)]
+
+    assert first_ids(0) == first_ids(0)
+    assert first_ids(0) != first_ids(1)
+    a, b = first_ids(0, 0, 2), first_ids(0, 1, 2)
+    assert len(a) == len(b) == 12 and not set(a) & set(b)
+    assert sorted(a + b) == sorted(first_ids(0))
+
+
+def test_preference_batches_put_chosen_then_rejected(traces, rules, ct):
+    pairs = make_pairs(traces[:20], rules, seed=0)
+    cfg = PipelineConfig(seq_len=384, batch_size=3, shuffle=False)
+    b = next(iter(preference_dataset(pairs, ct, cfg)))
+    assert b["input_ids"].shape == (6, 384)
+    for i in range(3):
+        enc = encode_pair(ct, pairs[i])
+        n = len(enc["chosen_ids"])
+        np.testing.assert_array_equal(b["input_ids"][i, :n], enc["chosen_ids"])
+        np.testing.assert_array_equal(b["input_ids"][3 + i, :len(enc["rejected_ids"])], enc["rejected_ids"])
+        np.testing.assert_array_equal(b["span_mask"][i, :n], enc["chosen_mask"])
+    assert (b["span_mask"].sum(1) > 0).all()
+
+
+def test_pair_spans_context_and_eos(traces, rules, ct, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    pairs = make_pairs(traces[:30], rules, seed=1)
+    kinds = {p.kind for p in pairs}
+    assert {"wrong_rule", "wrong_decision", "over_refusal", "verbose", "unsafe_response"} <= kinds
+    for p in pairs[:25]:
+        enc = encode_pair(ct, p)
+        for side, text, final in (("chosen", p.chosen, p.chosen_final), ("rejected", p.rejected, p.rejected_final)):
+            ids, mask = enc[f"{side}_ids"], enc[f"{side}_mask"].astype(bool)
+            eos = "<|im_end|>" if final else ""
+            assert tok.decode(ids[mask]) == text + eos  # the span only; EOS only after a final response
+            assert tok.decode(ids[~mask]).endswith("".join(p.prefix_steps))  # context = prompt + prefix
+    assert any(p.step_index == 4 and p.chosen_final for p in pairs)
+    assert all(not p.chosen_final for p in pairs if p.step_index in (1, 2, 3))
+    to_end = make_pairs(traces[:5], rules, span="to_end")
+    assert all(p.chosen_final and p.chosen.endswith(t.response) for p in to_end for t in traces[:5] if t.id in p.id)
+
+
+def test_other_pair_formats():
+    trl = pair_from_record({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."})
+    assert trl.prefix_steps == () and trl.chosen_final and trl.step_index is None
+    conv = pair_from_record({"prompt": [{"role": "user", "content": "Hi"}],
+                             "chosen": [{"role": "assistant", "content": "Hello!"}],
+                             "rejected": [{"role": "assistant", "content": "No."}]})
+    assert (conv.prompt, conv.chosen, conv.rejected) == ("Hi", "Hello!", "No.")
+    sd = pair_from_record({"prompt": "2+2?", "initial_reason_steps": "Step 1: add.\n", "chosen": "Step 2: 4.",
+                           "rejected": "Step 2: 5."})
+    assert sd.prefix_steps == ("Step 1: add.\n",) and not sd.chosen_final

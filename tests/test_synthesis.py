@@ -1,0 +1,130 @@
+"""Trace synthesis: template teacher variety and validity; an OpenAI-compatible server that
+misbehaves (429, timeouts, broken JSON); resume."""
+
+import collections
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from safer_jax.data import bundled
+from safer_jax.data.rules import load_rules
+from safer_jax.data.synthesis import OpenAITeacher, TemplateTeacher, load_prompts, synthesize
+from safer_jax.data.traces import render, validate
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+@pytest.fixture(scope="module")
+def prompts(rules):
+    return load_prompts(bundled("train_prompts.jsonl"), rules)
+
+
+def test_template_teacher_is_valid_and_varied(rules, prompts):
+    teacher = TemplateTeacher(rules, seed=0)
+    traces = [teacher(p) for p in prompts]
+    assert all(validate(t, rules) == [] for t in traces)
+    assert teacher(prompts[0]) == traces[0]  # deterministic per id
+    by_rule = collections.defaultdict(set)
+    for t in traces:
+        if t.label == "harmful":
+            by_rule[t.rules[0]].add(t.steps["rule_verification"])
+    # never one fixed sentence per rule
+    assert all(len(v) >= 2 for k, v in by_rule.items() if sum(1 for t in traces if t.rules[:1] == (k,)) >= 3)
+    decisions = collections.Counter((t.label, t.decision) for t in traces)
+    assert set(decisions) == {("harmful", "refuse"), ("benign", "comply"), ("borderline", "safe_complete")}
+
+
+class Server:
+    """A chat-completions endpoint that fails some prompts on purpose, on 127.0.0.1."""
+
+    def __init__(self, answers, plans):
+        self.answers, self.plans = answers, plans  # prompt -> trace text; prompt -> list of failure modes
+        self.calls = collections.Counter()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"].rsplit("\n\n(label:", 1)[0]
+                n = outer.calls[prompt]
+                outer.calls[prompt] += 1
+                plan = outer.plans.get(prompt, [])
+                mode = plan[n] if n < len(plan) else plan[-1] if plan and plan[-1] in ("always500", "malformed") else "ok"
+                if mode in ("429", "always500"):
+                    self.send_response(429 if mode == "429" else 500)
+                    if mode == "429":
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                if mode == "timeout":
+                    time.sleep(1.0)
+                text = outer.answers[prompt] if mode != "malformed" else "<think>\nno steps here\n</think>\nOK"
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
+                if mode == "broken":
+                    payload = payload[: len(payload) // 2]
+                data = payload.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_openai_teacher_against_a_flaky_server(rules, prompts, tmp_path):
+    subset = prompts[:5] + [p for p in prompts if p.label == "benign"][:5] + [p for p in prompts if p.label == "borderline"][:4]
+    answers = {p.prompt: render(TemplateTeacher(rules, seed=7)(p)) for p in subset}
+    plans = {subset[0].prompt: ["429", "429"], subset[1].prompt: ["timeout"], subset[2].prompt: ["broken"],
+             subset[3].prompt: ["429", "broken", "timeout"], subset[4].prompt: ["malformed"],
+             subset[5].prompt: ["always500"]}
+    server = Server(answers, plans)
+    try:
+        teacher = OpenAITeacher(rules, server.url, "teacher-model", max_retries=3, timeout=0.5, backoff=0.01,
+                                rate_limit=200)
+        out = tmp_path / "traces.jsonl"
+        res = synthesize(subset, teacher, rules, out, concurrency=4, progress=False)
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        rejects = [json.loads(line) for line in (tmp_path / "traces.rejects.jsonl").read_text().splitlines()]
+        # none lost: every prompt is a valid trace or a reject with its reason
+        assert res.written + res.rejected == len(subset)
+        assert sorted(r["id"] for r in written + rejects) == sorted(p.id for p in subset)
+        assert {r["id"] for r in rejects} == {subset[4].id, subset[5].id}
+        reasons = {r["id"]: " ".join(r["reasons"]) for r in rejects}
+        assert "malformed trace" in reasons[subset[4].id] and "HTTP 500" in reasons[subset[5].id]
+        assert server.calls[subset[0].prompt] == 3 and server.calls[subset[3].prompt] == 4
+        # a rerun skips finished ids: no new requests
+        before = sum(server.calls.values())
+        res2 = synthesize(subset, teacher, rules, out, concurrency=4, progress=False)
+        assert (res2.written, res2.rejected, res2.skipped_done) == (0, 0, len(subset))
+        assert sum(server.calls.values()) == before
+    finally:
+        server.close()
+
+
+def test_resume_after_a_partial_file(rules, prompts, tmp_path):
+    teacher = TemplateTeacher(rules)
+    out = tmp_path / "t.jsonl"
+    synthesize(prompts[:10], teacher, rules, out, progress=False)
+    with open(out, "a") as f:
+        f.write('{"id": "cut-off li')  # a crash mid-line
+    res = synthesize(prompts[:25], teacher, rules, out, progress=False)
+    assert (res.written, res.skipped_done) == (15, 10)
