@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 def _chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array) -> jax.Array:
     """h [B, C, D], w [D, V], targets [B, C] -> log p(target) [B, C] in float32."""
-    logits = jnp.einsum("BCD,DV->BCV", h, w, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(h.dtype, jnp.float32)  # float32 at least (float64 in exactness tests)
+    logits = jnp.einsum("BCD,DV->BCV", h, w, preferred_element_type=acc)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - lse
@@ -61,7 +62,7 @@ def span_logps(token_lp: jax.Array, span_mask: jax.Array, ld_alpha: float = 1.0)
     (`ld_alpha` < 1), tokens past the shorter of the pair's two spans are weighted by
     `ld_alpha`: logp = sum_{i < l_min} lp_i + ld_alpha * sum_{i >= l_min} lp_i.
     """
-    mask = span_mask.astype(jnp.float32)
+    mask = span_mask.astype(token_lp.dtype)
     lengths = mask.sum(-1)  # [2B]
     if ld_alpha == 1.0:
         return (token_lp * mask).sum(-1), lengths
@@ -132,24 +133,25 @@ def preference_loss(
     if unknown:
         raise ValueError(f"unknown preference hparam(s) {sorted(unknown)}; known: {sorted(DEFAULT_HPARAMS)}")
     h = {**DEFAULT_HPARAMS, **hparams}
-    pc, pr = policy_chosen_logps.astype(jnp.float32), policy_rejected_logps.astype(jnp.float32)
+    ft = jnp.promote_types(policy_chosen_logps.dtype, jnp.float32)
+    pc, pr = policy_chosen_logps.astype(ft), policy_rejected_logps.astype(ft)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         if loss_type not in REFERENCE_FREE:
             raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
         rc = rr = jnp.zeros_like(pc)
     else:
-        rc, rr = ref_chosen_logps.astype(jnp.float32), ref_rejected_logps.astype(jnp.float32)
-    lc = jnp.maximum(chosen_lengths.astype(jnp.float32), 1.0)
-    lr = jnp.maximum(rejected_lengths.astype(jnp.float32), 1.0)
+        rc, rr = ref_chosen_logps.astype(ft), ref_rejected_logps.astype(ft)
+    lc = jnp.maximum(chosen_lengths.astype(ft), 1.0)
+    lr = jnp.maximum(rejected_lengths.astype(ft), 1.0)
     losses, reward_c, reward_r = PREFERENCE_LOSSES[loss_type](pc, pr, rc, rr, lc, lr, h)
     if h["rpo_lambda"]:
         losses = losses + h["rpo_lambda"] * (-pc / lc)  # SFT term on the chosen span, per pair
-    n = jnp.asarray(pc.shape[0], jnp.float32)
+    n = jnp.asarray(pc.shape[0], ft)
     metrics = {
         "loss": (losses.sum(), n),
         "rewards/chosen": (reward_c.sum(), n),
         "rewards/rejected": (reward_r.sum(), n),
-        "rewards/accuracy": ((reward_c > reward_r).astype(jnp.float32).sum(), n),
+        "rewards/accuracy": ((reward_c > reward_r).astype(ft).sum(), n),
         "rewards/margin": ((reward_c - reward_r).sum(), n),
         "length/chosen": (lc.sum(), n),
         "length/rejected": (lr.sum(), n),

@@ -71,3 +71,27 @@ def smollm2_dir(smollm2_torch, tmp_path_factory):
     m.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def traces():
+    """The bundled training traces, validated against the bundled rules."""
+    from safer_jax.data import bundled
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.data.rules import load_rules
+
+    return load_traces(bundled("train_traces.jsonl"), load_rules())
+
+
+@pytest.fixture(scope="session")
+def tiny(traces, tmp_path_factory):
+    """(folder, ChatTokenizer) of a tiny llama and tokenizer built offline from the bundled traces."""
+    from transformers import AutoTokenizer
+
+    from safer_jax.data.tokenize import ChatTokenizer
+    from safer_jax.models.tiny import build_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
+    build_tiny_model(d, texts, num_layers=2)
+    return d, ChatTokenizer(AutoTokenizer.from_pretrained(d))

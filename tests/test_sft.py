@@ -28,22 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "sft" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def traces():
-    return load_traces(bundled("train_traces.jsonl"), load_rules())
-
-
-@pytest.fixture(scope="module")
-def tiny(traces, tmp_path_factory):
-    """A tiny llama and its tokenizer, built offline from the bundled traces."""
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tiny")
-    texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
-    build_tiny_model(d, texts, num_layers=2)
-    return d, ChatTokenizer(AutoTokenizer.from_pretrained(d))
-
-
 def batches(traces, ct, n, batch_size, seq_len=256, pack=True, seed=0):
     it = iter(sft_dataset(traces, ct, PipelineConfig(seq_len=seq_len, batch_size=batch_size, seed=seed,
                                                      packing_bins=4), pack=pack))
@@ -198,7 +182,8 @@ def runner(run_dir, *args, timeout=300):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "tests" / "sft_runner.py"), *args, f"run_dir={run_dir}",
            "train.log_every=1", "train.checkpoint_every=5", "train.steps=20", "train.export_final=false",
-           "data.seq_len=256", "data.batch_size=4"]
+           "data.seq_len=256", "data.batch_size=4", f"data.eval={bundled('train_traces.jsonl')}",
+           "train.eval_every=10", "train.eval_batches=2"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -218,6 +203,23 @@ def uninterrupted(tmp_path_factory):
     r = runner(d)
     assert r.returncode == 0, r.stderr[-3000:]
     return d
+
+
+def test_run_folder_holds_config_versions_logs_and_eval(uninterrupted):
+    d = Path(uninterrupted)
+    cfg = load_config(SFTConfig, str(d / "config.yaml"))
+    assert cfg.train.steps == 20 and cfg.run_dir == str(d)
+    versions = json.loads((d / "versions.json").read_text())
+    assert versions["jax"] == jax.__version__ and versions["flax"]
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert all({"loss", "grad_norm", "lr", "step_time_s", "loss_tokens"} <= set(r) for r in train)
+    assert all("tokens_per_s" in r and "tflops" in r for r in train[1:])
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20]
+    assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+    assert (d / "tokenizer" / "tokenizer_config.json").exists()
+    assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [15, 20]
 
 
 def final_params(run_dir):

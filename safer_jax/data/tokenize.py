@@ -89,7 +89,7 @@ class ChatTokenizer:
 def truncate(example: dict[str, np.ndarray], max_len: int, stats: TruncationStats | None = None
              ) -> dict[str, np.ndarray]:
     """Cut an example to `max_len` tokens (from the end), counting what was dropped."""
-    n = len(example["input_ids"])
+    n = len(next(iter(example.values())))
     if stats is not None:
         stats.examples += 1
         if n > max_len:

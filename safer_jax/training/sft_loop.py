@@ -144,7 +144,9 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
                         "to skip such batches")
                 skipped += 1
                 _say(f"step {step}: non-finite loss, batch skipped ({skipped} so far)")
-            m.update(thr.step(int(m["tokens"])), lr=float(lr_at(step - 1)))
+            # throughput counts every position computed (B x T), as MFU conventions do
+            m.update(thr.step(cfg.data.batch_size * cfg.data.seq_len), lr=float(lr_at(step - 1)))
+            m["loss_tokens"] = m.pop("tokens")
             last = m
             if step % tc.log_every == 0 or step == tc.steps:
                 tracker.log(step, {k: v for k, v in m.items() if k != "nonfinite"})

@@ -1,0 +1,67 @@
+"""The step-level preference step: chosen and rejected in one forward, span log-probs, loss.
+
+Batches are `[2B, T]` (chosen rows, then rejected rows) with `span_mask` marking the
+differing step (or step k to the end); the context carries no loss. The log-prob of token
+t is read from position t-1, so inputs are ids[:, :-1] and targets ids[:, 1:].
+
+The reference is either a frozen parameter state on the same mesh (no optimizer state,
+`stop_gradient`), or precomputed log-probs passed in the batch (`ref_logps`, `[2B]`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from safer_jax.losses import preference_loss, span_logps, token_logps
+from safer_jax.training.sft import TrainState, apply_gradients
+
+
+def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int, ld_alpha: float = 1.0
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(span log-prob sums `[2B]`, span lengths `[2B]`) under `params`."""
+    model = nnx.merge(graphdef, params)
+    ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
+    hidden = model.hidden_states(ids[:, :-1], pos[:, :-1], seg[:, :-1])
+    lp = token_logps(hidden, model.output_weights(), ids[:, 1:], chunk)
+    return span_logps(lp, batch["span_mask"][:, 1:], ld_alpha)
+
+
+def preference_objective(params: Any, ref_params: Any, graphdef: Any, batch: dict[str, jax.Array], *,
+                         loss_type: str, hparams: dict[str, float], chunk: int, ld_alpha: float
+                         ) -> tuple[jax.Array, dict[str, Any]]:
+    """Sum of per-pair losses (the step divides by the global pair count) and metrics."""
+    logps, lengths = pair_span_logps(params, graphdef, batch, chunk, ld_alpha)
+    b = logps.shape[0] // 2
+    if "ref_logps" in batch:
+        ref = batch["ref_logps"]
+    elif ref_params is not None:
+        ref, _ = pair_span_logps(jax.lax.stop_gradient(ref_params), graphdef, batch, chunk, ld_alpha)
+    else:
+        ref = None
+    losses, metrics = preference_loss(
+        loss_type, logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+        lengths[:b], lengths[b:], **hparams)
+    return losses.sum(), metrics
+
+
+def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: Any = None, *, graphdef: Any,
+                    tx: optax.GradientTransformation, loss_type: str = "sigmoid", hparams: dict[str, float] | None = None,
+                    chunk: int = 512, ld_alpha: float = 1.0, skip_nonfinite: bool = False
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    fn = functools.partial(preference_objective, graphdef=graphdef, loss_type=loss_type, hparams=dict(hparams or {}),
+                           chunk=chunk, ld_alpha=ld_alpha)
+    (total, metrics), grads = jax.value_and_grad(fn, has_aux=True)(state.params, ref_params, batch=batch)
+    n = metrics["loss"][1]
+    grads = jax.tree.map(lambda g: g / n, grads)
+    grad_norm = optax.tree.norm(grads)
+    out = {k: s / d for k, (s, d) in metrics.items()}
+    bad = ~(jnp.isfinite(out["loss"]) & jnp.isfinite(grad_norm))
+    new = apply_gradients(state, grads, tx, bad & skip_nonfinite)
+    out.update(grad_norm=grad_norm, nonfinite=bad)
+    return new, out
