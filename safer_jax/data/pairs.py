@@ -124,7 +124,7 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     out = []
     prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
     permit = [r for r in rules.of_kind("permit") if r.id not in trace.rules]
-    if trace.label == "harmful" and prohibit:
+    if trace.label == "harmful" and permit:
         wrong = rng.choice(permit)
         text = f"{wrong.short()}: applies. {rng.choice(wrong.phrases['applies'])}"
         out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text)))

@@ -42,10 +42,13 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
         hf, _ = _load_gguf(resolve_path(path, gguf), gguf)
     else:
         hf = read_hf_config(resolve_path(path))
-    mcfg = from_hf_config(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype or cfg.model.dtype)
+    gen = resolve_path(path, gguf) / "generation_config.json"
+    mcfg = from_hf_config(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype or cfg.model.dtype,
+                          generation_config_json=gen.read_text() if gen.exists() else "")
     model = abstract_model(mcfg)
     graphdef, params = nnx.split(model)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # restore onto host memory: the optimizer moments come along (3x the model), not onto an accelerator
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), jax.eval_shape(tx.init, params))

@@ -55,6 +55,10 @@ def resolve_model_path(mc: ModelConfig, run_dir: Path, texts: Any = ()) -> tuple
             from safer_jax.models.tiny import build_tiny_model
 
             build_tiny_model(folder, texts, family=family)
+        if jax.process_count() > 1:  # the others wait for process 0 to write it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tiny-model")
         return str(folder), None
     if mc.path == EMBEDDED:
         from safer_jax.models.embedded import smollm2_location

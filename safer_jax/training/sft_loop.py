@@ -72,6 +72,13 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.data.batch_size % (n_proc * cfg.train.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by processes ({n_proc}) x "
                          f"train.grad_accum ({cfg.train.grad_accum})")
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % batch_ways or (cfg.data.batch_size // cfg.train.grad_accum) % batch_ways:
+        msg = (f"data.batch_size={cfg.data.batch_size} (and each of train.grad_accum={cfg.train.grad_accum} "
+               f"microbatches) is not divisible by mesh data x fsdp = {batch_ways}")
+        if n_proc > 1:  # each process feeds distinct rows: the batch must split over the batch axes
+            raise ValueError(msg)
+        log.warning("%s: the batch is replicated over those axes (correct, but every device computes it all)", msg)
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           packing_bins=cfg.data.packing_bins, process_index=jax.process_index(),
                           process_count=n_proc)
@@ -80,8 +87,9 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     eval_ds = None
     if cfg.data.eval:
         eval_traces = load_traces(cfg.data.eval, rules, skip_invalid=cfg.data.skip_invalid)
+        # repeating and unshuffled: every process draws the same number of batches (no multi-host hang)
         eval_ds = sft_dataset(eval_traces, ct, PipelineConfig(
-            seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, shuffle=False, num_epochs=1,
+            seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, shuffle=False, num_epochs=None,
             process_index=jax.process_index(), process_count=n_proc), pack=cfg.data.pack)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, params = nnx.split(model)
@@ -108,9 +116,12 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     tc = cfg.train
     ckpt = CheckpointManager(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
     start = 0
+    mcfg = env.pop("model").config
     if ckpt.latest_step() is not None:
         start = ckpt.latest_step()
-        state = ckpt.restore(start, abstract_like(state), train_iter)
+        target = abstract_like(state)
+        env["state"] = state = None  # free the freshly loaded weights before restoring
+        state = ckpt.restore(start, target, train_iter)
         _say(f"resumed from {run_dir / 'checkpoints'} at step {start}")
     first = global_batch(next(iter(sft_dataset_peek(env))), mesh)
     static = dict(graphdef=env["graphdef"], tx=env["tx"], accum=tc.grad_accum, chunk=tc.loss_chunk,
@@ -120,7 +131,6 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     if env["eval_ds"] is not None and tc.eval_every:
         eval_fn = jax.jit(lambda p, b: sft_loss(p, env["graphdef"], b, tc.loss_chunk))
     lr_at = schedule(cfg.optimizer, tc.steps)
-    mcfg = env["model"].config
     thr = Throughput(flops_per_token(mcfg, cfg.data.seq_len), len(jax.devices()), device_peak_tflops(jax.devices()[0]))
     tracker = Tracker(run_dir, enabled=jax.process_index() == 0, tensorboard=tc.tensorboard)
     pre = Preemption()
@@ -165,7 +175,8 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
             for hook in hooks:
                 hook(step, state, m)
             if pre.requested():
-                ckpt.save(step, state, train_iter, force=True)
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state, train_iter, force=True)
                 ckpt.wait()
                 _say(f"SIGTERM: checkpoint saved at step {step}; exiting (rerun to continue)")
                 return {"preempted": True, "step": step, **last}
