@@ -91,7 +91,8 @@ class Server:
 
 
 def test_openai_teacher_against_a_flaky_server(rules, prompts, tmp_path):
-    subset = prompts[:5] + [p for p in prompts if p.label == "benign"][:5] + [p for p in prompts if p.label == "borderline"][:4]
+    by = {k: [p for p in prompts if p.label == k] for k in ("harmful", "benign", "borderline")}
+    subset = by["harmful"][:6] + by["benign"][:5] + by["borderline"][:4]  # distinct prompts
     answers = {p.prompt: render(TemplateTeacher(rules, seed=7)(p)) for p in subset}
     plans = {subset[0].prompt: ["429", "429"], subset[1].prompt: ["timeout"], subset[2].prompt: ["broken"],
              subset[3].prompt: ["429", "broken", "timeout"], subset[4].prompt: ["malformed"],
