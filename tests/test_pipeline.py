@@ -115,3 +115,13 @@ def test_other_pair_formats():
     sd = pair_from_record({"prompt": "2+2?", "initial_reason_steps": "Step 1: add.\n", "chosen": "Step 2: 4.",
                            "rejected": "Step 2: 5."})
     assert sd.prefix_steps == ("Step 1: add.\n",) and not sd.chosen_final
+
+
+def test_parquet_traces_load_through_datasets(traces, rules, tmp_path):
+    import datasets
+
+    rows = [t.to_json() for t in traces[:5]]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    back = load_traces(tmp_path / "t.parquet", rules)
+    assert [t.id for t in back] == [t.id for t in traces[:5]]
+    assert back[0].steps == traces[0].steps

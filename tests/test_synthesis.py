@@ -129,3 +129,15 @@ def test_resume_after_a_partial_file(rules, prompts, tmp_path):
         f.write('{"id": "cut-off li')  # a crash mid-line
     res = synthesize(prompts[:25], teacher, rules, out, progress=False)
     assert (res.written, res.skipped_done) == (15, 10)
+
+
+def test_local_teacher_writes_or_rejects_every_prompt(rules, prompts, tiny, tmp_path):
+    """A (random, tiny) safer_jax model as teacher: its text is parsed and validated like any other."""
+    from safer_jax.data.synthesis import LocalTeacher
+
+    d, _ = tiny
+    teacher = LocalTeacher(rules, str(d), max_new_tokens=4)
+    res = synthesize(prompts[:1], teacher, rules, tmp_path / "t.jsonl", progress=False)
+    assert res.written + res.rejected == 1
+    rejects = [json.loads(x) for x in (tmp_path / "t.rejects.jsonl").read_text().splitlines()]
+    assert all(any("malformed trace" in r for r in x["reasons"]) for x in rejects)
