@@ -74,6 +74,14 @@ def smollm2_dir(smollm2_torch, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def rules():
+    """The bundled rules (configs/rules)."""
+    from safer_jax.data.rules import load_rules
+
+    return load_rules()
+
+
+@pytest.fixture(scope="session")
 def traces():
     """The bundled training traces, validated against the bundled rules."""
     from safer_jax.data import bundled

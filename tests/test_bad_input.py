@@ -12,11 +12,6 @@ from safer_jax.data.synthesis import load_prompts
 from test_traces import make_trace
 
 
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
-
 def write_lines(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return path

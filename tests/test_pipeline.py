@@ -6,13 +6,7 @@ import pytest
 from safer_jax.data import bundled
 from safer_jax.data.pairs import encode_pair, make_pairs, pair_from_record
 from safer_jax.data.pipeline import PipelineConfig, load_traces, preference_dataset, sft_dataset
-from safer_jax.data.rules import load_rules
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,8 @@ from flax import nnx
 
 from safer_jax.config import MeshConfig, SFTConfig, load_config
 from safer_jax.data import bundled
-from safer_jax.data.pipeline import PipelineConfig, load_traces, sft_dataset
-from safer_jax.data.rules import load_rules
-from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.data.pipeline import PipelineConfig, sft_dataset
 from safer_jax.models import from_pretrained
-from safer_jax.models.tiny import build_tiny_model
 from safer_jax.sharding import make_mesh, shard_batch
 from safer_jax.training.sft import init_state, sft_step
 

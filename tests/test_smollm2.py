@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

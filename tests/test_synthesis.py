@@ -10,14 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from safer_jax.data import bundled
-from safer_jax.data.rules import load_rules
 from safer_jax.data.synthesis import OpenAITeacher, TemplateTeacher, load_prompts, synthesize
 from safer_jax.data.traces import render, validate
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
 
 
 @pytest.fixture(scope="module")

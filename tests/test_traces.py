@@ -4,16 +4,7 @@ import dataclasses
 
 import pytest
 
-from safer_jax.data.rules import load_rules
 from safer_jax.data.traces import Trace, TraceFormat, parse, render, segments, trace_from_record, validate
-
-RULES = None
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
 
 def make_trace(**kw):
     base = dict(

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from safer_jax.models.config import DecoderConfig, ModelConfigError, from_hf_config, to_hf_config
+from safer_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 from safer_jax.models.decoder import Decoder
 from safer_jax.models.hf_params import Row, hf_shape, param_rows, to_hf, to_ours
 from safer_jax.sharding import named_sharding
