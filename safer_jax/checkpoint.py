@@ -45,12 +45,6 @@ class CheckpointManager:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.mgr.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_state_only(self, step: int | None, abstract_state: Any) -> Any:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
-        return self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
-
     def wait(self) -> None:
         self.mgr.wait_until_finished()
 

@@ -34,30 +34,56 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_once(model, tok, prompt: str, max_new_tokens: int) -> str:
-    from safer_jax.generate import greedy_generate
+def _model_location(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """`--model` as given, or the embedded SmolLM2-135M-Instruct for no model or `smollm2`."""
+    if model in (None, "smollm2"):
+        folder, gguf = smollm2_location()
+        return str(folder), gguf
+    return model, gguf_file
 
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=True)["input_ids"]
-    eos = {tok.eos_token_id, *model.config.eos_token_id} - {None}
-    out = greedy_generate(model, ids, max_new_tokens, eos_ids=tuple(eos))
-    return tok.decode(out, skip_special_tokens=True)
+
+def _sampling(args: argparse.Namespace):
+    """SamplingConfig from the flags: greedy unless a temperature, top-k or top-p is given."""
+    from safer_jax.generate import SamplingConfig
+
+    sampled = any(getattr(args, k, None) is not None for k in ("temperature", "top_k", "top_p"))
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=getattr(args, "greedy", False) or not sampled,
+                          temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k or 0,
+                          top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
+                          stop_strings=tuple(args.stop or ()))
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without sampling flags)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); EOS ids always stop")
+    p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
+
+
+def _chat_once(model, tok, prompt: str, max_new_tokens: int, sampling=None, system_prompt: str | None = None) -> str:
+    from safer_jax.generate import SamplingConfig, generate_chat
+
+    sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
+    rows = generate_chat(model, tok, [{"id": 0, "prompt": prompt}], sampling, system_prompt=system_prompt,
+                         progress=False)
+    return rows[0]["text"]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from safer_jax.models import from_pretrained
 
-    if args.model:
-        path, gguf = args.model, args.gguf_file
-    else:
-        folder, gguf = smollm2_location()
-        path = str(folder)
+    path, gguf = _model_location(args.model, args.gguf_file)
     model = from_pretrained(path, gguf_file=gguf)
     tok = _load_tokenizer(path, gguf)
+    sampling = _sampling(args)
     prompts = args.prompt or []
     if prompts:
         for p in prompts:
-            print(f">>> {p}\n{_chat_once(model, tok, p, args.max_new_tokens)}\n")
+            print(f">>> {p}\n{_chat_once(model, tok, p, args.max_new_tokens, sampling, args.system_prompt)}\n")
         return 0
     while True:
         try:
@@ -65,7 +91,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             return 0
         if p.strip():
-            print(_chat_once(model, tok, p, args.max_new_tokens))
+            print(_chat_once(model, tok, p, args.max_new_tokens, sampling, args.system_prompt))
+
+
+def _read_prompt_rows(path: str) -> list[dict]:
+    """Rows of a prompts JSONL, each with `prompt` (str) or `messages`; errors name file and line."""
+    from safer_jax.data.records import DataError, read_jsonl
+
+    rows = []
+    for line, obj in read_jsonl(path):
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                            and isinstance(m.get("content"), str) for m in msgs)):
+                raise DataError("must be a non-empty list of {role, content} strings", path, line, "messages")
+        elif "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise DataError(f"must be a string, got {type(obj['prompt']).__name__}", path, line, "prompt")
+        else:
+            raise DataError("the row needs 'prompt' (a string) or 'messages' (a chat)", path, line)
+        rows.append({**obj, "id": obj.get("id", f"line{line}")})
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from safer_jax.generate import generate_chat
+    from safer_jax.models import from_pretrained
+
+    rows = _read_prompt_rows(args.prompts)  # before loading the model: bad input fails fast
+    path, gguf = _model_location(args.model, args.gguf_file)
+    model = from_pretrained(path, gguf_file=gguf)
+    tok = _load_tokenizer(path, gguf)
+    t0 = time.time()
+    results = generate_chat(model, tok, rows, _sampling(args), batch_size=args.batch_size,
+                            system_prompt=args.system_prompt)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row, res in zip(rows, results):
+            f.write(json.dumps({**row, **res}, ensure_ascii=False) + "\n")
+    n = sum(r["completion_tokens"] for r in results)
+    dt = time.time() - t0
+    print(f"wrote {len(results)} rows to {out}: {n} new tokens in {dt:.1f}s ({n / max(dt, 1e-9):.1f} tokens/s)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -158,11 +228,66 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prefopt(args: argparse.Namespace) -> int:
+    from safer_jax.config import PrefOptConfig, load_config
+    from safer_jax.training.prefopt_loop import train_prefopt
+    from safer_jax.training.run import TrainingStopped
+
+    cfg = load_config(PrefOptConfig, args.config, args.overrides)
+    try:
+        res = train_prefopt(cfg)
+    except TrainingStopped as e:
+        print(f"safer-jax prefopt: stopped: {e}", file=sys.stderr)
+        return 3
+    if res.get("preempted"):
+        print(f"preempted at step {res['step']}; checkpoint saved")
+    return 0
+
+
+def cmd_ref_logps(args: argparse.Namespace) -> int:
+    from safer_jax.config import PrefOptConfig, load_config
+    from safer_jax.training.prefopt_loop import ref_logps_command
+
+    cfg = load_config(PrefOptConfig, args.config, args.overrides)
+    logps, where, hit = ref_logps_command(cfg)
+    print(f"{'reused' if hit else 'wrote'} reference log-probs of {len(logps)} pairs: {where}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from safer_jax.training.export import export_checkpoint
 
     out = export_checkpoint(args.run_dir, args.to, step=args.step, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Answer eval sets, score refusals and traces, write results.json, report.md and plots to --out."""
+    import os
+
+    from safer_jax.evaluation import OpenAIJudge, evaluate, load_eval_sets
+    from safer_jax.evaluation.sets import parse_columns
+
+    examples = load_eval_sets(args.sets, columns=parse_columns(args.columns), limit=args.limit)
+    judge = None
+    if args.judge_url or args.judge_model:
+        if not (args.judge_url and args.judge_model):
+            raise ValueError("--judge-url and --judge-model go together")
+        judge = OpenAIJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env))
+    t0 = time.time()
+    res, base, paths = evaluate(args.model, examples, args.out, _sampling(args), gguf_file=args.gguf_file,
+                                baseline=args.baseline, baseline_gguf_file=args.baseline_gguf_file,
+                                batch_size=args.batch_size, judge=judge, system_prompt=args.system_prompt,
+                                progress=not args.quiet)
+    for name, r in (("baseline", base), ("model", res)):
+        if r is not None:
+            m = r.metrics["overall"]
+            pct = {k: "-" if m[k] is None else f"{100 * m[k]:.1f}%"
+                   for k in ("harmful_compliance", "over_refusal", "helpfulness", "unfinished_rate")}
+            print(f"{name}: {m['n']} prompts; harmful compliance {pct['harmful_compliance']}, over-refusal "
+                  f"{pct['over_refusal']}, helpfulness {pct['helpfulness']}, unfinished {pct['unfinished_rate']}")
+    print(f"wrote {paths['report']} and {len(paths) - 1} more files in {time.time() - t0:.1f}s")
     return 0
 
 
@@ -181,11 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     ch = sub.add_parser("chat", help="talk to a model (default: the embedded SmolLM2-135M-Instruct)")
-    ch.add_argument("--model", default=None)
+    ch.add_argument("--model", default=None, help="HF folder or hub id (default or `smollm2`: the embedded model)")
     ch.add_argument("--gguf-file", default=None)
     ch.add_argument("--prompt", action="append", help="answer these prompts and exit")
-    ch.add_argument("--max-new-tokens", type=int, default=128)
+    _add_sampling_flags(ch, max_new_tokens=128)
     ch.set_defaults(fn=cmd_chat)
+
+    ge = sub.add_parser("generate", help="answer a JSONL of prompts in batches (KV-cache sampler)")
+    ge.add_argument("--model", required=True, help="HF folder or hub id; `smollm2`: the embedded model")
+    ge.add_argument("--gguf-file", default=None)
+    ge.add_argument("--prompts", required=True, help="JSONL rows {id, prompt} or {id, messages}")
+    ge.add_argument("--out", required=True, help="JSONL: each input row plus text, reasoning, response, ...")
+    ge.add_argument("--batch-size", type=int, default=8)
+    _add_sampling_flags(ge, max_new_tokens=256)
+    ge.set_defaults(fn=cmd_generate)
 
     sy = sub.add_parser("synthesize", help="write Ex-Ante traces for labelled prompts with a teacher")
     sy.add_argument("--prompts", required=True, help="JSONL of {id, prompt, label, rules, reference?}")
@@ -219,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run_dir=runs/x train.steps=100")
     sf.set_defaults(fn=cmd_sft)
 
+    po = sub.add_parser("prefopt", help="step-level preference optimization (a run folder that exists resumes)")
+    po.add_argument("--config", default=None, help="configs/prefopt/NAME.yaml")
+    po.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. preference.loss_type=ipo")
+    po.set_defaults(fn=cmd_prefopt)
+
+    rl = sub.add_parser("ref-logps", help="compute (or find) the cached reference log-probs of a prefopt config")
+    rl.add_argument("--config", default=None, help="configs/prefopt/NAME.yaml")
+    rl.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    rl.set_defaults(fn=cmd_ref_logps)
+
     ex = sub.add_parser("export", help="export a run's checkpoint to a HF folder")
     ex.add_argument("run_dir")
     ex.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
@@ -226,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default=None, help="parameter dtype written (default: the run's)")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(fn=cmd_export)
+
+    ev = sub.add_parser("eval", help="safety evaluation: harmful compliance, over-refusal, traces; writes a report")
+    ev.add_argument("--model", required=True, help="model folder, hub id, or smollm2 (the embedded default)")
+    ev.add_argument("--gguf-file", default=None)
+    ev.add_argument("--baseline", default=None,
+                    help="model to compare against (folder, hub id, smollm2) or an earlier results.json / --out")
+    ev.add_argument("--baseline-gguf-file", default=None)
+    ev.add_argument("--sets", nargs="+", default=["bundled"],
+                    help="bundled, PRESET=PATH (advbench, harmbench, strongreject, xstest, jbb, jbb_benign) "
+                         "or NAME=PATH[:preset]")
+    ev.add_argument("--columns", default=None,
+                    help="column overrides for file sets, e.g. prompt=question,label=y,default_label=harmful")
+    ev.add_argument("--limit", type=int, default=None, help="at most N prompts per set, stratified by label")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--judge-model", default=None)
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--out", required=True, help="output folder (results.json, report.md, *.png)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sampling_flags(ev, 256)
+    ev.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="the embedded default end to end")
     d.add_argument("--prompt", action="append")

@@ -177,6 +177,39 @@ class SFTConfig:
     train: TrainConfig = TrainConfig()
 
 
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """Stage 2: the step-level preference loss, its span, and where reference log-probs come from."""
+
+    loss_type: str = "sigmoid"  # sigmoid | ipo | sigmoid_norm | rdpo | simpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    alpha: float = 0.0  # rdpo length penalty
+    gamma: float = 0.5  # simpo margin
+    rpo_lambda: float = 0.0  # SFT term on the chosen span
+    ld_alpha: float = 1.0  # LD-DPO weight of tokens past the shorter span (1 = off)
+    span: str = "step"  # pairs built from traces: step k alone (Step-DPO) | to_end (step k onward)
+    reference: str = "cache"  # cache (precomputed, reused across runs) | model (frozen copy on the mesh)
+    reference_path: str | None = None  # default: model.path (the policy's starting weights)
+    reference_gguf_file: str | None = None
+    cache_dir: str | None = None  # default: $SAFER_JAX_CACHE/ref_logps or ~/.cache/safer-jax/ref_logps
+
+    def hparams(self) -> dict[str, float]:
+        return {"beta": self.beta, "label_smoothing": self.label_smoothing, "alpha": self.alpha,
+                "gamma": self.gamma, "rpo_lambda": self.rpo_lambda}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefOptConfig:
+    run_dir: str = ""
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

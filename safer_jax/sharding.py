@@ -115,12 +115,13 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: Sequence[str | None
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Put host arrays `[B, ...]` on the mesh, batch on ("data", "fsdp")."""
+    """The global batch from each process's rows `[b, ...]`, batch-sharded on ("data", "fsdp")."""
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in batch.items()}
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        spec = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape)
-        out[k] = jax.device_put(v, spec)
+        shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), shape)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out

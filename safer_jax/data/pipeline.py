@@ -128,12 +128,17 @@ def _pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarra
 
 
 class _TokenizePair(grain.transforms.Map):
+    """(pair index, pair, reference log-probs [2] or None) -> fixed-length chosen/rejected rows."""
+
     def __init__(self, ct: ChatTokenizer, seq_len: int, stats: TruncationStats):
         self.ct, self.seq_len, self.stats = ct, seq_len, stats
 
-    def map(self, pair: StepPair) -> dict[str, np.ndarray]:
+    def map(self, item: tuple[int, StepPair, np.ndarray | None]) -> dict[str, np.ndarray]:
+        index, pair, ref = item
         enc = encode_pair(self.ct, pair, where=pair.id)
-        out = {}
+        out = {"index": np.int32(index)}
+        if ref is not None:
+            out["ref"] = np.asarray(ref, np.float32)
         for side in ("chosen", "rejected"):
             ex = truncate({"ids": enc[f"{side}_ids"], "mask": enc[f"{side}_mask"]}, self.seq_len, self.stats)
             n = len(ex["ids"])
@@ -143,18 +148,54 @@ class _TokenizePair(grain.transforms.Map):
         return out
 
 
-def _stack_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]], 0)
-    mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
-    lens = np.concatenate([batch["chosen_len"], batch["rejected_len"]], 0)
-    seg = (np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int32)
-    pos = np.where(seg > 0, np.arange(ids.shape[1])[None, :], 0).astype(np.int32)
-    return {"input_ids": ids, "span_mask": mask, "segment_ids": seg, "positions": pos}
+class _StackPairs(grain.transforms.Map):
+    def __init__(self, with_index: bool):
+        self.with_index = with_index
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]], 0)
+        mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
+        lens = np.concatenate([batch["chosen_len"], batch["rejected_len"]], 0)
+        seg = (np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int32)
+        pos = np.where(seg > 0, np.arange(ids.shape[1])[None, :], 0).astype(np.int32)
+        out = {"input_ids": ids, "span_mask": mask, "segment_ids": seg, "positions": pos}
+        if "ref" in batch:  # [B, 2] -> [2B]: chosen values, then rejected, like the rows
+            out["ref_logps"] = np.concatenate([batch["ref"][:, 0], batch["ref"][:, 1]])
+        if self.with_index:
+            out["pair_index"] = batch["index"]
+        return out
 
 
 def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineConfig,
-                       stats: TruncationStats | None = None) -> grain.IterDataset:
-    """Batches of B pairs as `[2B, T]` arrays: chosen rows, then rejected rows."""
+                       stats: TruncationStats | None = None, ref_logps: np.ndarray | None = None,
+                       with_index: bool = False, drop_remainder: bool = True) -> grain.IterDataset:
+    """Batches of B pairs as `[2B, T]` arrays: chosen rows, then rejected rows.
+
+    `ref_logps` `[N, 2]` (chosen, rejected span log-probs under the reference, aligned with
+    `pairs`) adds `ref_logps` `[2B]` to each batch; `with_index` adds `pair_index` `[B]`.
+    """
     stats = stats if stats is not None else TruncationStats()
-    ds = _base(pairs, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
-    return ds.batch(cfg.batch_size, drop_remainder=True).map(_stack_pairs)
+    if ref_logps is not None and len(ref_logps) != len(pairs):
+        raise ValueError(f"ref_logps has {len(ref_logps)} rows for {len(pairs)} pairs")
+    items = [(i, p, None if ref_logps is None else ref_logps[i]) for i, p in enumerate(pairs)]
+    ds = _base(items, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
+    return ds.batch(cfg.batch_size, drop_remainder=drop_remainder).map(_StackPairs(with_index))
+
+
+def is_trace_record(obj: dict[str, Any]) -> bool:
+    """A trace (or chat-format trace) rather than a pair: it has steps or messages and no chosen/rejected."""
+    return ("steps" in obj or "messages" in obj) and "chosen" not in obj
+
+
+def load_preference_data(path: str | Path, rules: RuleBook, span: str = "step", skip_invalid: bool = False,
+                         report: SkipReport | None = None, seed: int = 0) -> list[StepPair]:
+    """Pairs from a pairs file (any accepted format), or built from a traces file by `make_pairs`."""
+    from safer_jax.data.pairs import make_pairs
+
+    first = next(iter(read_records(path, True, SkipReport())), None)
+    if first is None:
+        raise DataError("no records", path)
+    if is_trace_record(first[1]):
+        return make_pairs(load_traces(path, rules, skip_invalid=skip_invalid, report=report), rules, seed=seed,
+                          span=span)
+    return load_pairs(path, skip_invalid=skip_invalid, report=report)

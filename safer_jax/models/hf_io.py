@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,12 +326,14 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _param_values(model: Decoder) -> dict[str, jax.Array]:
+    return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def hf_tensors(model: Decoder, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) pairs, one parameter gathered at a time."""
     cfg = model.config
-    state = dict(
-        ("/".join(map(str, p)), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    )
+    state = _param_values(model)
     for row in param_rows(cfg):
         value = _gather(state[row.ours])
         if dtype is not None:
@@ -389,7 +390,7 @@ def save_pretrained(
     itemsize = jnp.dtype(save_dtype).itemsize
     plan: list[list[str]] = [[]]
     used = 0
-    state = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    state = _param_values(model)
     for row in param_rows(cfg):
         shape = state[row.ours].shape
         per = shape[1:] if row.stacked else shape
@@ -417,7 +418,7 @@ def save_pretrained(
     if writer:
         save_file(pending, str(out / fname(current)), metadata={"format": "pt"})
         if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": shard_of_names(plan, fname)}
+            index = {"metadata": {"total_size": total}, "weight_map": {k: fname(v) for k, v in shard_of.items()}}
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         hf = to_hf_config(cfg)
         hf["dtype"] = save_dtype
@@ -432,13 +433,3 @@ def save_pretrained(
             tokenizer.save_pretrained(str(out))
     return out
 
-
-def shard_of_names(plan: list[list[str]], fname: Any) -> dict[str, str]:
-    return {name: fname(k) for k, names in enumerate(plan) for name in names}
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer files verbatim (no tokenizer object needed)."""
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")):
-            shutil.copy2(f, dst / f.name)

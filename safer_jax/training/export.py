@@ -56,7 +56,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     mgr = CheckpointManager(run_dir / "checkpoints")
     if step is not None and step not in mgr.all_steps():
         raise ValueError(f"{run_dir / 'checkpoints'}: no checkpoint at step {step} (have {mgr.all_steps()})")
-    state = mgr.restore_state_only(step, target)
+    state = mgr.restore(step, target)
     mgr.close()
     tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
     return save_pretrained(nnx.merge(graphdef, state.params), out_dir, tokenizer=tok, overwrite=overwrite, dtype=dtype)

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from safer_jax.losses import preference_loss, span_logps, token_logps
-from safer_jax.training.sft import TrainState, apply_gradients
+from safer_jax.training.sft import TrainState, accumulate_grads, apply_gradients
 
 
 def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int, ld_alpha: float = 1.0
@@ -52,11 +52,14 @@ def preference_objective(params: Any, ref_params: Any, graphdef: Any, batch: dic
 
 def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: Any = None, *, graphdef: Any,
                     tx: optax.GradientTransformation, loss_type: str = "sigmoid", hparams: dict[str, float] | None = None,
-                    chunk: int = 512, ld_alpha: float = 1.0, skip_nonfinite: bool = False
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+                    chunk: int = 512, ld_alpha: float = 1.0, accum: int = 1, blocks: int = 1,
+                    skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `[2B, T]` pair rows (B pairs over `accum` microbatches; `blocks`
+    per-process blocks, see `pair_layout`); the loss is the mean over all B pairs, exactly."""
     fn = functools.partial(preference_objective, graphdef=graphdef, loss_type=loss_type, hparams=dict(hparams or {}),
                            chunk=chunk, ld_alpha=ld_alpha)
-    (total, metrics), grads = jax.value_and_grad(fn, has_aux=True)(state.params, ref_params, batch=batch)
+    micro = pair_layout(batch, accum, blocks)
+    total, metrics, grads = accumulate_grads(lambda p, b: fn(p, ref_params, batch=b), state.params, micro, accum)
     n = metrics["loss"][1]
     grads = jax.tree.map(lambda g: g / n, grads)
     grad_norm = optax.tree.norm(grads)
@@ -65,3 +68,25 @@ def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: 
     new = apply_gradients(state, grads, tx, bad & skip_nonfinite)
     out.update(grad_norm=grad_norm, nonfinite=bad)
     return new, out
+
+
+def pair_layout(batch: dict[str, jax.Array], accum: int = 1, blocks: int = 1) -> dict[str, jax.Array]:
+    """Reorder pair rows into `accum` contiguous `[2b, ...]` microbatches (chosen block, rejected block).
+
+    Rows arrive as `blocks` per-process blocks, each chosen-then-rejected (the global batch is
+    the processes' local batches concatenated): `[P, 2, b_local]` -> `[A, 2, B / A]`.
+    """
+    if accum == 1 and blocks == 1:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        rows = v.shape[0]
+        if rows % (2 * blocks):
+            raise ValueError(f"{rows} pair rows do not split into {blocks} process blocks")
+        pairs = rows // 2
+        if pairs % accum:
+            raise ValueError(f"{pairs} pairs per step do not split into train.grad_accum={accum} microbatches")
+        x = v.reshape(blocks, 2, pairs // blocks, *v.shape[1:]).swapaxes(0, 1)  # [2, P, b_local, ...]
+        x = x.reshape(2, accum, pairs // accum, *v.shape[1:]).swapaxes(0, 1)  # [A, 2, b, ...]
+        out[k] = x.reshape(v.shape)
+    return out

@@ -4,9 +4,9 @@ batches on the mesh, preemption, and export of checkpoints to HF folders.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import json
+import logging
 import platform
 import signal
 from pathlib import Path
@@ -15,13 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
-from jax.sharding import Mesh
 
 from safer_jax.config import ModelConfig, to_dict
-from safer_jax.sharding import named_sharding
 
 TINY_PREFIX = "tiny"
 EMBEDDED = "smollm2"
+log = logging.getLogger("safer_jax.train")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "numpy", "safer-jax")
 
 
@@ -85,16 +84,35 @@ def load_tokenizer(path: str, gguf_file: str | None, run_dir: Path) -> Any:
     return tok
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Assemble the global batch from each process's rows, batch-sharded on the mesh."""
-    if mesh is None:
-        return {k: jax.numpy.asarray(v) for k, v in local.items()}
-    out = {}
-    for k, v in local.items():
-        shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-        sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), shape)
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
-    return out
+def load_model_and_tokenizer(cfg: Any, run_dir: Path, texts: Any = ()) -> tuple[Any, Any, Any, tuple[str, str | None]]:
+    """(mesh, model on the mesh, tokenizer, (path, gguf file)) for a run config with model/mesh/data sections."""
+    from safer_jax.models import from_pretrained
+    from safer_jax.sharding import make_mesh
+
+    path, gguf = resolve_model_path(cfg.model, run_dir, texts)
+    mesh = make_mesh(cfg.mesh)
+    model = from_pretrained(path, gguf_file=gguf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                            mesh=mesh, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+                            attention=cfg.model.attention)
+    tok = load_tokenizer(cfg.data.tokenizer or path, None if cfg.data.tokenizer else gguf, run_dir)
+    return mesh, model, tok, (path, gguf)
+
+
+def check_batch(cfg: Any, mesh: Any) -> None:
+    """The global batch must split over processes and microbatches; over the mesh's batch axes it
+    should (on one process it may not: the batch is then replicated there, with a warning)."""
+    n_proc = jax.process_count()
+    bs, accum = cfg.data.batch_size, cfg.train.grad_accum
+    if bs % (n_proc * accum):
+        raise ValueError(f"data.batch_size={bs} must be divisible by processes ({n_proc}) x "
+                         f"train.grad_accum ({accum})")
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if bs % batch_ways or (bs // accum) % batch_ways:
+        msg = (f"data.batch_size={bs} (and each of train.grad_accum={accum} microbatches) is not divisible by "
+               f"mesh data x fsdp = {batch_ways}")
+        if n_proc > 1:  # each process feeds distinct rows: the batch must split over the batch axes
+            raise ValueError(msg)
+        log.warning("%s: the batch is replicated over those axes (correct, but every device computes it all)", msg)
 
 
 class Preemption:
@@ -118,6 +136,3 @@ class Preemption:
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
 
-
-def config_replace(cfg: Any, **sections: Any) -> Any:
-    return dataclasses.replace(cfg, **sections)

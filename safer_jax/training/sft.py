@@ -53,21 +53,27 @@ def _split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array
 
 
 def accumulate_grads(loss_fn: Any, params: Any, batch: dict[str, jax.Array], accum: int
-                     ) -> tuple[jax.Array, jax.Array, Any]:
-    """(loss sum, denominator, gradient of the loss sum) summed over `accum` microbatches."""
+                     ) -> tuple[jax.Array, Any, Any]:
+    """(loss sum, aux, gradient of the loss sum), loss, aux and gradient summed over `accum` microbatches.
+
+    `loss_fn(params, microbatch) -> (loss sum, aux)`, aux a pytree of sums (token counts,
+    (sum, denominator) metrics), so the caller divides once by the totals.
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (total, denom), grads = grad_fn(params, batch)
-        return total, denom, grads
+        (total, aux), grads = grad_fn(params, batch)
+        return total, aux, grads
+    micro = _split_micro(batch, accum)
 
     def body(carry, mb):
-        total, denom, grads = carry
-        (l, d), g = grad_fn(params, mb)
-        return (total + l, denom + d, jax.tree.map(jnp.add, grads, g)), None
+        (l, a), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (total, denom, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), _split_micro(batch, accum))
-    return total, denom, grads
+    first = jax.tree.map(lambda x: x[0], micro)
+    out_shape, _ = jax.eval_shape(grad_fn, params, first)  # (loss sum, aux)
+    zeros = (*jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape), jax.tree.map(jnp.zeros_like, params))
+    (total, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+    return total, aux, grads
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, skip: jax.Array
@@ -102,15 +108,20 @@ def batch_shardings(mesh: Mesh | None, batch_shapes: dict[str, tuple[int, ...]])
 
 
 def compile_step(step_fn: Any, state: TrainState, batch: dict[str, jax.Array], mesh: Mesh | None,
-                 log: Any = print, **static: Any) -> Any:
-    """Jit with explicit in/out shardings and state donation; compile ahead of time; log memory."""
+                 log: Any = print, extra: tuple[Any, ...] = (), **static: Any) -> Any:
+    """Jit with explicit in/out shardings and state donation; compile ahead of time; log memory.
+
+    `extra` are further arguments (a frozen reference's parameters), passed after the batch,
+    never donated, kept in their current shardings.
+    """
     s_sh = state_shardings(state)
     b_sh = batch_shardings(mesh, {k: v.shape for k, v in batch.items()})
+    e_sh = tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
     rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(functools.partial(step_fn, **static), in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep),
+    fn = jax.jit(functools.partial(step_fn, **static), in_shardings=(s_sh, b_sh, *e_sh), out_shardings=(s_sh, rep),
                  donate_argnums=(0,))
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
-    compiled = fn.lower(state, abstract_batch).compile()
+    compiled = fn.lower(state, abstract_batch, *extra).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
         gib = 2**30

@@ -1,0 +1,181 @@
+"""Stage 2 of SAFER: step-level preference optimization, set up and run.
+
+`safer-jax prefopt --config configs/prefopt/NAME.yaml key=value ...`. The pairs come from a
+pairs file (ours, TRL's or Step-DPO's format) or are built from a traces file. The
+reference is either read from the on-disk log-prob cache (`preference.reference: cache`,
+the default: computed on the first run, reused by every later run with the same pairs,
+tokenization and reference weights) or held as a frozen copy on the mesh
+(`reference: model`: no optimizer state, its forward runs every step). The shared loop in
+`training/loop.py` owns logging, checkpoints, preemption and export.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from safer_jax.config import ModelConfig, PrefOptConfig
+from safer_jax.data import bundled
+from safer_jax.data.pipeline import PipelineConfig, load_preference_data, preference_dataset
+from safer_jax.data.records import SkipReport
+from safer_jax.data.rules import load_rules
+from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
+from safer_jax.losses import PREFERENCE_LOSSES, REFERENCE_FREE
+from safer_jax.metrics import flops_per_token
+from safer_jax.models import from_pretrained
+from safer_jax.training.loop import LoopSpec, run_loop, say
+from safer_jax.training.optimizer import make_optimizer
+from safer_jax.training.preference import preference_step
+from safer_jax.training.ref_cache import RefLogpCache, ensure_ref_logps
+from safer_jax.training.run import check_batch, load_model_and_tokenizer, resolve_model_path, write_run_files
+from safer_jax.training.sft import compile_step, init_state
+
+REFERENCE_MODES = ("cache", "model")
+
+
+def _pairs_path(name: str) -> Path:
+    return bundled("train_traces.jsonl") if name in ("", "bundled") else Path(name)
+
+
+def _validate(cfg: PrefOptConfig) -> None:
+    pc = cfg.preference
+    if not cfg.run_dir:
+        raise ValueError("run_dir is not set (pass run_dir=PATH)")
+    if pc.loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference.loss_type={pc.loss_type!r} unknown; choose from {sorted(PREFERENCE_LOSSES)}")
+    if pc.reference not in REFERENCE_MODES:
+        raise ValueError(f"preference.reference={pc.reference!r} unknown; choose from {REFERENCE_MODES}")
+    if pc.span not in ("step", "to_end"):
+        raise ValueError(f"preference.span={pc.span!r} unknown; choose from ('step', 'to_end')")
+
+
+def reference_location(cfg: PrefOptConfig, run_dir: Path) -> tuple[str, str | None]:
+    """(folder, gguf file) of the reference: `preference.reference_path`, else the policy's start."""
+    pc = cfg.preference
+    if pc.reference_path:
+        return resolve_model_path(ModelConfig(path=pc.reference_path, gguf_file=pc.reference_gguf_file),
+                                  run_dir)
+    return resolve_model_path(cfg.model, run_dir)
+
+
+def setup(cfg: PrefOptConfig) -> dict[str, Any]:
+    """Everything before step 1: pairs, model, tokenizer, reference (cached log-probs or a frozen copy)."""
+    _validate(cfg)
+    pc, tc = cfg.preference, cfg.train
+    run_dir = Path(cfg.run_dir)
+    write_run_files(run_dir, cfg)
+    rules = load_rules(cfg.data.rules)
+    report = SkipReport()
+    pairs = load_preference_data(_pairs_path(cfg.data.train), rules, span=pc.span,
+                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed)
+    if report.total:
+        say(report.summary())
+    say(f"{len(pairs)} preference pairs from {_pairs_path(cfg.data.train)}")
+    texts = [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    mesh, model, tok, _ = load_model_and_tokenizer(cfg, run_dir, texts)
+    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
+    check_batch(cfg, mesh)
+    graphdef, params = nnx.split(model)
+    ref_loc = reference_location(cfg, run_dir)
+    same_start = not pc.reference_path  # `params` hold the starting weights until a resume restores the state
+
+    def load_reference() -> tuple[Any, Any]:
+        if same_start:  # the policy's starting weights are the reference
+            return graphdef, params
+        say(f"loading the reference from {ref_loc[0]}")
+        ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype,
+                              param_dtype=cfg.model.param_dtype, mesh=mesh, scan_layers=cfg.model.scan_layers,
+                              attention=cfg.model.attention)
+        return nnx.split(ref)
+
+    ref_logps, ref_params, cache_key = None, None, None
+    if pc.loss_type in REFERENCE_FREE:
+        say(f"{pc.loss_type}: reference-free, no reference log-probs")
+    elif pc.reference == "cache":
+        ref_logps, cache_key, hit = ensure_ref_logps(
+            RefLogpCache(pc.cache_dir), pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=ref_loc,
+            load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=mesh, chunk=tc.loss_chunk, log=say)
+    else:
+        _, ref_params = load_reference()
+        ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
+    n_proc = jax.process_count()
+    pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
+                          process_index=jax.process_index(), process_count=n_proc)
+    stats = TruncationStats()
+    train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))
+    tx = make_optimizer(cfg.optimizer, tc.steps)
+    state = init_state(params, tx, mesh)
+    return dict(run_dir=run_dir, model=model, graphdef=graphdef, state=state, tx=tx, mesh=mesh, tok=tok,
+                train_iter=train_iter, stats=stats, ref_params=ref_params, pairs=pairs, cache_key=cache_key)
+
+
+def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
+    """Run (or resume) preference optimization to `train.steps`; returns the final metrics and paths."""
+    t_setup = time.time()
+    env = setup(cfg)
+    pc, tc, mesh = cfg.preference, cfg.train, env["mesh"]
+    mcfg = env.pop("model").config
+    ref_params = env.pop("ref_params")
+    static = dict(graphdef=env["graphdef"], tx=env["tx"], loss_type=pc.loss_type, hparams=pc.hparams(),
+                  chunk=tc.loss_chunk, ld_alpha=pc.ld_alpha, accum=tc.grad_accum, blocks=jax.process_count(),
+                  skip_nonfinite=tc.on_nan == "skip")
+    extra = (ref_params,) if ref_params is not None else ()
+
+    def compile_fn(state: Any, batch: dict[str, jax.Array]) -> Any:
+        compiled = compile_step(preference_step, state, batch, mesh, log=say, extra=extra, **static)
+        return (lambda s, b: compiled(s, b, *extra)) if extra else compiled
+
+    spec = LoopSpec(
+        name="prefopt",
+        compile=compile_fn,
+        flops_per_token=flops_per_token(mcfg, cfg.data.seq_len, reference_forward=ref_params is not None),
+        tokens_per_step=2 * cfg.data.batch_size * cfg.data.seq_len,  # chosen and rejected rows
+        line=lambda m: (f"loss {m['loss']:.4f} margin {m['rewards/margin']:.3f} acc {m['rewards/accuracy']:.2f} "
+                        f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f}"),
+    )
+    say(f"setup {time.time() - t_setup:.1f}s")
+    out = run_loop(spec, run_dir=env["run_dir"], tc=tc, opt=cfg.optimizer, state=env.pop("state"),
+                   train_iter=env["train_iter"], mesh=mesh, graphdef=env["graphdef"], tokenizer=env["tok"],
+                   hooks=hooks)
+    out["cache_key"] = env["cache_key"]
+    out["n_pairs"] = len(env["pairs"])
+    if not out["preempted"]:
+        say(env["stats"].summary())
+    return out
+
+
+def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Path, bool]:
+    """`safer-jax ref-logps`: fill the cache for a prefopt config without training."""
+    _validate(cfg)
+    pc = cfg.preference
+    run_dir = Path(cfg.run_dir)
+    rules = load_rules(cfg.data.rules)
+    pairs = load_preference_data(_pairs_path(cfg.data.train), rules, span=pc.span,
+                                 skip_invalid=cfg.data.skip_invalid, seed=cfg.data.seed)
+    texts = [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ref_loc = reference_location(cfg, run_dir)
+    from safer_jax.sharding import make_mesh
+    from safer_jax.training.run import load_tokenizer
+
+    resolve_model_path(cfg.model, run_dir, texts)  # builds a tiny model if asked
+    tok = load_tokenizer(cfg.data.tokenizer or ref_loc[0], None if cfg.data.tokenizer else ref_loc[1], run_dir)
+    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
+    mesh = make_mesh(cfg.mesh)
+    cache = RefLogpCache(pc.cache_dir)
+
+    def load_reference() -> tuple[Any, Any]:
+        ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype,
+                              param_dtype=cfg.model.param_dtype, mesh=mesh, scan_layers=cfg.model.scan_layers,
+                              attention=cfg.model.attention)
+        return nnx.split(ref)
+
+    logps, key, hit = ensure_ref_logps(cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha,
+                                       reference=ref_loc, load_reference=load_reference,
+                                       batch_size=cfg.data.batch_size, mesh=mesh, chunk=cfg.train.loss_chunk, log=say)
+    return logps, cache.path(key), hit
