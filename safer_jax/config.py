@@ -165,6 +165,7 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip
     export_final: bool = True
     tensorboard: bool = True
+    max_minutes: float = 0.0  # stop (checkpoint, export) after the step that passes this wall time; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

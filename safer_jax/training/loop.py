@@ -77,6 +77,8 @@ def run_loop(spec: LoopSpec, *, run_dir: Path, tc: TrainConfig, opt: OptimizerCo
                disable=jax.process_index() != 0)
     last: dict[str, float] = {}
     skipped = 0
+    done = start
+    deadline = time.time() + tc.max_minutes * 60 if tc.max_minutes > 0 else None
     try:
         for step in range(start + 1, tc.steps + 1):
             state, metrics = step_fn(state, shard_batch(next(train_iter), mesh))
@@ -114,15 +116,19 @@ def run_loop(spec: LoopSpec, *, run_dir: Path, tc: TrainConfig, opt: OptimizerCo
                 ckpt.wait()
                 say(f"SIGTERM: checkpoint saved at step {step}; exiting (rerun to continue)")
                 return {"preempted": True, "step": step, **last}
-        if ckpt.latest_step() != tc.steps:
-            ckpt.save(tc.steps, state, train_iter, force=True)
+            done = step
+            if deadline is not None and time.time() > deadline and step < tc.steps:
+                say(f"train.max_minutes={tc.max_minutes:g} reached after step {step}; stopping there")
+                break
+        if ckpt.latest_step() != done:
+            ckpt.save(done, state, train_iter, force=True)
         ckpt.wait()
     finally:
         bar.close()
         pre.close()
         tracker.close()
         ckpt.close()
-    out = {"preempted": False, "step": tc.steps, "skipped": skipped, **last}
+    out = {"preempted": False, "step": done, "skipped": skipped, **last}
     if tc.export_final:
         t0 = time.time()
         model = nnx.merge(graphdef, state.params)
