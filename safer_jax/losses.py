@@ -1,9 +1,30 @@
-"""Losses as pure functions on arrays: token log-probs in chunks, masked NLL.
+"""Losses as pure functions on arrays: token log-probs in tiles, masked NLL.
 
 Never imports models: callers pass final hidden states `[B, T, D]` and the output
-projection `[D, V]`. Log-probs are computed over sequence chunks under `jax.checkpoint`,
-so float32 logits of the whole batch (B*T*V*4 bytes, 4.9 GB for B=2, T=4096, V=151936)
-never exist at once, in the forward or the backward pass.
+projection `[D, V]`. Float32 logits of a whole batch are B*T*V*4 bytes (4.9 GB for B=2,
+T=4096, V=151936), and so is their gradient, so `token_logps` never forms them: it tiles
+the logits over sequence chunks and vocabulary chunks and carries a custom VJP.
+
+Why a custom VJP rather than `jax.checkpoint` over sequence chunks (the earlier version):
+autodiff of a sequence-chunked loop adds each chunk's `[D, V]` weight-gradient contribution
+into a `[D, V]` accumulator, so the backward pass holds a second parameter-sized buffer
+besides the gradient itself, plus a chunk's logits and their gradient over the whole
+vocabulary (value_and_grad compiled alone at the sizes above with D=896, float32: 1762 MiB
+of temporaries). Here the forward pass keeps only the per-token log-normaliser `[B, T]` as
+a residual, and the backward pass walks vocabulary tiles in the outer loop: each tile's
+slice of the weight gradient is finished within one outer step and written once into the
+gradient buffer (which is the output), while the hidden-state gradient `[B, T, D]`, far
+smaller than `[D, V]`, is the carry that accumulates. Temporaries are then a few
+`[B, C, Vc]` tiles and `[D, Vc]` slices (184 MiB at the sizes above; tests/test_losses.py
+checks the budget).
+
+Tensor parallelism: the weights may be sharded on the vocabulary. A tile of contiguous
+columns would live on one device, and slicing it in a loop makes the partitioner gather
+the whole matrix. So the vocabulary is viewed as `[S, V/S]` (S blocks, S = gcd(V,
+vocab_blocks)) and a tile takes the same column range from every block: with the
+vocabulary split over up to S devices, each device's share of every tile is local (the
+compiled step has no all-gather; the per-tile reductions over the vocabulary, [B, C]
+statistics forward and the [B, C, D] hidden-state gradient backward, are all-reduces).
 
 Metrics are (sum, denominator) pairs so gradient accumulation and multi-host means are
 exact: divide only after summing every part.
@@ -11,39 +32,171 @@ exact: divide only after summing every part.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
-def _chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array) -> jax.Array:
-    """h [B, C, D], w [D, V], targets [B, C] -> log p(target) [B, C] in float32."""
-    acc = jnp.promote_types(h.dtype, jnp.float32)  # float32 at least (float64 in exactness tests)
-    logits = jnp.einsum("BCD,DV->BCV", h, w, preferred_element_type=acc)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - lse
+def _tiles(n: int, size: int) -> tuple[int, int]:
+    """(tile size, tile count) covering n positions with tiles of at most `size`."""
+    size = max(1, min(size, n))
+    return size, -(-n // size)
 
 
-def token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int = 512) -> jax.Array:
-    """log p(targets) `[B, T]` (float32) from hidden `[B, T, D]` and output weights `[D, V]`.
+def _tile_start(i: jax.Array, size: int, n: int) -> jax.Array:
+    """Start of tile i, clamped so the tile stays in bounds.
 
-    The sequence is cut into chunks of `chunk_size`; each chunk's logits are recomputed in
-    the backward pass instead of stored (peak extra memory B * chunk * V * 4 bytes).
+    A ragged last tile is shifted back to end at n and overlaps its predecessor; position
+    p of tile i is live iff p >= i * size, so every position is live in exactly one tile.
+    This avoids padding (a copy of the hidden states, or of the weights for a ragged V).
     """
-    b, t, d = hidden.shape
-    w = w.astype(hidden.dtype)
-    if t <= chunk_size:
-        return jax.checkpoint(_chunk_logps)(hidden, w, targets)
-    pad = (-t) % chunk_size
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = hidden.shape[1] // chunk_size
-    hs = hidden.reshape(b, n, chunk_size, d).swapaxes(0, 1)  # [N, B, C, D]
-    ts = targets.reshape(b, n, chunk_size).swapaxes(0, 1)  # [N, B, C]
-    fn = jax.checkpoint(_chunk_logps)
-    out = jax.lax.map(lambda x: fn(x[0], w, x[1]), (hs, ts))  # [N, B, C]
-    return out.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :t]
+    return jnp.minimum(i * size, n - size)
+
+
+class _Layout:
+    """Static tiling of hidden `[B, T, D]` (sequence tiles of C) and weights `[D, V]` viewed
+    as `[D, S, V/S]` (vocabulary tiles of K columns from each of the S blocks)."""
+
+    def __init__(self, hidden: jax.Array, w: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int):
+        self.b, self.t, self.d = hidden.shape
+        self.v = w.shape[1]
+        self.acc = jnp.promote_types(hidden.dtype, jnp.float32)  # float32 at least (float64 in exactness tests)
+        self.s = math.gcd(self.v, max(1, vocab_blocks))
+        self.vs = self.v // self.s  # columns per block
+        self.c, self.n_t = _tiles(self.t, chunk)
+        self.k, self.n_v = _tiles(self.vs, -(-vocab_chunk // self.s))
+
+    def token_tile(self, i: jax.Array, *xs: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """(live rows `[C]`, the `[B, C, ...]` slices of each x `[B, T, ...]`) for sequence tile i."""
+        s = _tile_start(i, self.c, self.t)
+        live = (s + lax.iota(jnp.int32, self.c)) >= i * self.c
+        return live, [lax.dynamic_slice_in_dim(x, s, self.c, axis=1) for x in xs]
+
+    def vocab_tile(self, j: jax.Array, w3: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(start in each block, live columns `[K]`, vocabulary ids `[S, K]`, weights `[D, S, K]`)."""
+        u = _tile_start(j, self.k, self.vs)
+        offs = u + lax.iota(jnp.int32, self.k)  # [K] column within each block
+        ids = lax.iota(jnp.int32, self.s)[:, None] * self.vs + offs  # [S, K]
+        return u, offs >= j * self.k, ids, lax.dynamic_slice_in_dim(w3, u, self.k, axis=2)
+
+
+def _forward(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets) `[B, T]`, logsumexp of the logits `[B, T]`), both in the accumulation dtype.
+
+    Online logsumexp over vocabulary tiles: running max m and running sum z of exp(logit - m).
+    """
+    lay = _Layout(hidden, w, chunk, vocab_chunk, vocab_blocks)
+    b, c, acc = lay.b, lay.c, lay.acc
+    w3 = w.reshape(lay.d, lay.s, lay.vs)  # [D, S, V/S]
+
+    def token_tile(i: jax.Array, out: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lp_all, lse_all = out  # [B, T] each
+        live_row, (h, tgt, old_lp, old_lse) = lay.token_tile(i, hidden, targets, lp_all, lse_all)  # h [B, C, D]
+
+        def vocab_tile(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            m, z, picked = carry  # [B, C] each
+            _, live, ids, wj = lay.vocab_tile(j, w3)
+            logits = jnp.einsum("BCD,DSK->BCSK", h, wj, preferred_element_type=acc)
+            logits = jnp.where(live, logits, -jnp.inf)
+            m_new = jnp.maximum(m, logits.max((-2, -1)))  # finite: every tile has a live column
+            z = z * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None, None]).sum((-2, -1))
+            hit = (ids == tgt[..., None, None]) & live  # [B, C, S, K]
+            picked = picked + jnp.where(hit, logits, 0.0).sum((-2, -1))
+            return m_new, z, picked
+
+        init = (jnp.full((b, c), -jnp.inf, acc), jnp.zeros((b, c), acc), jnp.zeros((b, c), acc))
+        m, z, picked = lax.fori_loop(0, lay.n_v, vocab_tile, init)
+        lse = m + jnp.log(z)  # [B, C]
+        s = _tile_start(i, c, lay.t)
+        lp_all = lax.dynamic_update_slice_in_dim(lp_all, jnp.where(live_row, picked - lse, old_lp), s, axis=1)
+        lse_all = lax.dynamic_update_slice_in_dim(lse_all, jnp.where(live_row, lse, old_lse), s, axis=1)
+        return lp_all, lse_all
+
+    return lax.fori_loop(0, lay.n_t, token_tile, (jnp.zeros((b, lay.t), acc), jnp.zeros((b, lay.t), acc)))
+
+
+def _backward(hidden: jax.Array, w: jax.Array, targets: jax.Array, lse: jax.Array, g: jax.Array, chunk: int,
+              vocab_chunk: int, vocab_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """(dL/dhidden `[B, T, D]`, dL/dw `[D, V]`) for cotangent g `[B, T]` of log p(targets).
+
+    d log p(y) / d logit_v = [v == y] - softmax_v, recomputed tile by tile from the saved lse.
+    Vocabulary tiles are the outer loop so each `[D, S, K]` slice of dw is summed over all
+    tokens in a small carry and written once; dh `[B, T, D]` accumulates across outer steps.
+    Tile products take operands in the input dtype and accumulate in float32 (or float64).
+    """
+    lay = _Layout(hidden, w, chunk, vocab_chunk, vocab_blocks)
+    acc = lay.acc
+    w3 = w.reshape(lay.d, lay.s, lay.vs)  # [D, S, V/S]
+    g = g.astype(acc)
+
+    def vocab_tile(j: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        dh, dw = carry  # [B, T, D] in acc, [D, S, V/S] in w's dtype
+        u, live_col, ids, wj = lay.vocab_tile(j, w3)
+
+        def token_tile(i: jax.Array, inner: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            dh, dwj = inner  # [B, T, D], [D, S, K]
+            live_row, (h, tgt, lse_i, g_i, dh_i) = lay.token_tile(i, hidden, targets, lse, g, dh)
+            g_i = jnp.where(live_row, g_i, 0.0)  # [B, C]: an overlapped row counts in its first tile only
+            logits = jnp.einsum("BCD,DSK->BCSK", h, wj, preferred_element_type=acc)
+            onehot = (ids == tgt[..., None, None]).astype(acc)  # [B, C, S, K]
+            dlogits = g_i[..., None, None] * (onehot - jnp.exp(logits - lse_i[..., None, None]))
+            dlogits = jnp.where(live_col, dlogits, 0.0).astype(hidden.dtype)  # [B, C, S, K]
+            dh_i = dh_i + jnp.einsum("BCSK,DSK->BCD", dlogits, wj, preferred_element_type=acc)
+            dh = lax.dynamic_update_slice_in_dim(dh, dh_i, _tile_start(i, lay.c, lay.t), axis=1)
+            dwj = dwj + jnp.einsum("BCD,BCSK->DSK", h, dlogits, preferred_element_type=acc)
+            return dh, dwj
+
+        dh, dwj = lax.fori_loop(0, lay.n_t, token_tile, (dh, jnp.zeros((lay.d, lay.s, lay.k), acc)))
+        old = lax.dynamic_slice_in_dim(dw, u, lay.k, axis=2).astype(acc)  # overlapped columns: tile j - 1 wrote them
+        dw = lax.dynamic_update_slice_in_dim(dw, jnp.where(live_col, dwj, old).astype(dw.dtype), u, axis=2)
+        return dh, dw
+
+    init = (jnp.zeros((lay.b, lay.t, lay.d), acc), jnp.zeros((lay.d, lay.s, lay.vs), w.dtype))
+    dh, dw = lax.fori_loop(0, lay.n_v, vocab_tile, init)
+    return dh.astype(hidden.dtype), dw.reshape(lay.d, lay.v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled_token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int,
+                       vocab_blocks: int) -> jax.Array:
+    return _forward(hidden, w, targets, chunk, vocab_chunk, vocab_blocks)[0]
+
+
+def _tiled_fwd(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    lp, lse = _forward(hidden, w, targets, chunk, vocab_chunk, vocab_blocks)
+    return lp, (hidden, w, targets, lse)  # residuals: the inputs and [B, T] statistics, no logits
+
+
+def _tiled_bwd(chunk: int, vocab_chunk: int, vocab_blocks: int, res: tuple[jax.Array, ...], g: jax.Array
+               ) -> tuple[jax.Array, jax.Array, None]:
+    hidden, w, targets, lse = res
+    dh, dw = _backward(hidden, w, targets, lse, g, chunk, vocab_chunk, vocab_blocks)
+    return dh, dw, None  # targets are integers: no cotangent
+
+
+_tiled_token_logps.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "vocab_chunk", "vocab_blocks"))  # one compile when eager
+def token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int = 512,
+                vocab_chunk: int = 8192, vocab_blocks: int = 16) -> jax.Array:
+    """log p(targets) `[B, T]` (float32, or float64 for float64 inputs) from hidden `[B, T, D]`,
+    output weights `[D, V]` and integer targets `[B, T]`.
+
+    Logits are formed one `[B, chunk_size, ~vocab_chunk]` tile at a time (float32
+    accumulation for bfloat16 inputs), in the forward pass and again in the backward pass;
+    extra memory is a few such tiles plus one `[D, ~vocab_chunk]` gradient slice, never
+    B*T*V. Neither T nor V needs to divide by its chunk. A tile's columns are
+    `vocab_chunk / S` contiguous ids from each of S = gcd(V, vocab_blocks) equal blocks of
+    the vocabulary, so vocabulary-sharded weights (up to S ways) are tiled without a
+    gather. w is cast to hidden's dtype.
+    """
+    return _tiled_token_logps(hidden, w.astype(hidden.dtype), targets, chunk_size, vocab_chunk, vocab_blocks)
 
 
 def masked_nll(logps: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

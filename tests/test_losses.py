@@ -1,4 +1,5 @@
-"""Preference losses against independent float64 NumPy formulas; LD-DPO gathering; memory."""
+"""Preference losses against independent float64 NumPy formulas; LD-DPO gathering; tiled token
+log-probs against full logits (values, gradients, bfloat16, sharding); compiled memory."""
 
 import math
 
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from safer_jax.losses import preference_loss, span_logps, token_logps
 
@@ -121,3 +123,110 @@ def test_token_logps_chunked_equals_full():
                                                 t[..., None], -1).sum())(h)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-5)
 
+
+
+# ---------------------------------------------------------------- tiled token log-probs (issue #5)
+
+
+def full_logits_logps(h, w, t):
+    """The naive reference: logits of the whole batch `[B, T, V]`, then log_softmax."""
+    logits = jnp.einsum("BTD,DV->BTV", h, w)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), t[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("b, t, d, v, chunk, vocab_chunk", [
+    (2, 37, 16, 50, 8, 7),  # T % chunk and V % vocab_chunk nonzero: both last tiles overlap their predecessor
+    (3, 40, 8, 64, 8, 16),  # both divide
+    (2, 5, 4, 9, 512, 8192),  # chunks larger than T and V: one tile
+    (2, 11, 5, 17, 3, 1),  # one vocabulary column per tile
+])
+def test_token_logps_value_and_gradients_equal_full_logits_float64(b, t, d, v, chunk, vocab_chunk):
+    rng = np.random.default_rng(t * v)
+    with jax.enable_x64(True):
+        h = jnp.asarray(rng.normal(size=(b, t, d)))
+        w = jnp.asarray(rng.normal(size=(d, v)))
+        tgt = jnp.asarray(rng.integers(0, v, (b, t)))
+        ct = jnp.asarray(rng.normal(size=(b, t)))  # a general cotangent, not only ones
+
+        def tiled(h, w):
+            return token_logps(h, w, tgt, chunk, vocab_chunk=vocab_chunk)
+
+        def full(h, w):
+            return full_logits_logps(h, w, tgt)
+
+        def grads(fn):
+            return jax.jit(jax.grad(lambda h, w: (fn(h, w) * ct).sum(), argnums=(0, 1)))(h, w)
+
+        lp, want_lp = tiled(h, w), jax.jit(full)(h, w)
+        (dh, dw), (want_dh, want_dw) = grads(tiled), grads(full)
+        assert lp.dtype == dh.dtype == dw.dtype == jnp.float64
+        lp, want_lp, dh, want_dh, dw, want_dw = map(np.asarray, (lp, want_lp, dh, want_dh, dw, want_dw))
+    np.testing.assert_allclose(lp, want_lp, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-12)
+
+
+def test_token_logps_bfloat16_inputs_accumulate_in_float32():
+    """bfloat16 hidden with float32 weights: log-probs come back float32 and match float32
+    logits of the bfloat16-rounded inputs; gradients keep each input's dtype."""
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.normal(size=(2, 33, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(32, 70)) / 4, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, 70, (2, 33)))
+    lp = token_logps(h, w, tgt, 8, vocab_chunk=16)
+    assert lp.dtype == jnp.float32
+    want = full_logits_logps(h.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32), tgt)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(want), rtol=1e-4, atol=1e-4)
+    dh, dw = jax.jit(jax.grad(lambda h, w: token_logps(h, w, tgt, 8, vocab_chunk=16).sum(), argnums=(0, 1)))(h, w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    want_dh, want_dw = jax.jit(jax.grad(lambda h, w: full_logits_logps(h.astype(jnp.float32), w, tgt).sum(),
+                                        argnums=(0, 1)))(h, w.astype(jnp.bfloat16).astype(jnp.float32))
+    for got, ref in ((dh, want_dh), (dw, want_dw)):  # tile gradients are formed from bfloat16 operands
+        ref = np.asarray(ref)
+        np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
+
+
+def test_token_logps_sharded_on_batch_and_vocab_equals_unsharded():
+    """As the train step shards them: hidden on batch, weights on vocab (tensor parallel).
+    Each device tiles its own vocabulary shard: nothing is all-gathered."""
+    rng = np.random.default_rng(11)
+    mesh = jax.make_mesh((2, 4), ("batch", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    with jax.enable_x64(True):
+        h = jnp.asarray(rng.normal(size=(4, 21, 8)))
+        w = jnp.asarray(rng.normal(size=(8, 52)))
+        tgt = jnp.asarray(rng.integers(0, 52, (4, 21)))
+        ct = jnp.asarray(rng.normal(size=(4, 21)))
+        f = jax.value_and_grad(lambda h, w: (token_logps(h, w, tgt, 8, vocab_chunk=10) * ct).sum(), argnums=(0, 1))
+        want_v, (want_dh, want_dw) = jax.jit(f)(h, w)
+        shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))  # noqa: E731
+        sharded = (shard(h, "batch"), shard(w, None, "tensor"))
+        got_v, (dh, dw) = jax.jit(f)(*sharded)
+        assert "all-gather" not in jax.jit(f).lower(*sharded).compile().as_text()
+        assert dw.sharding.spec == PartitionSpec(None, "tensor")
+        got_v, want_v, dh, want_dh, dw, want_dw = map(np.asarray, (got_v, want_v, dh, want_dh, dw, want_dw))
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-12)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-13)
+
+
+def test_span_logprob_gradient_temporaries_within_an_eighth_of_full_logits():
+    """Issue #5: `value_and_grad` of span log-prob gathering, compiled alone, at batch 2,
+    sequence 4096 and Qwen2.5-0.5B's output layer (hidden 896, vocabulary 151936; tied
+    embeddings), with default chunks. Full float32 logits would be B*T*V*4 = 4.6 GiB; the
+    budget for temporaries is an eighth of that. The weight gradient (D*V*4 = 519 MiB) is an
+    output, not a temporary. Lowered from ShapeDtypeStructs: nothing is allocated."""
+    b, t, v, d = 2, 4096, 151936, 896
+
+    def span_sum(hidden, w, targets, span_mask):
+        sums, _ = span_logps(token_logps(hidden, w, targets), span_mask)  # [B]: row 0 chosen, row 1 rejected
+        return sums.sum()
+
+    sds = jax.ShapeDtypeStruct
+    args = (sds((b, t, d), jnp.float32), sds((d, v), jnp.float32), sds((b, t), jnp.int32), sds((b, t), jnp.float32))
+    compiled = jax.jit(jax.value_and_grad(span_sum, argnums=(0, 1))).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    assert mem is not None
+    temp, budget, mib = mem.temp_size_in_bytes, b * t * v * 4 // 8, 2**20
+    print(f"span log-prob value_and_grad (B={b}, T={t}, V={v}, D={d}): temporaries {temp / mib:.1f} MiB, "
+          f"budget B*T*V*4/8 = {budget / mib:.1f} MiB; outputs {mem.output_size_in_bytes / mib:.1f} MiB")
+    assert 0 < temp <= budget
