@@ -1,42 +1,387 @@
-"""Minimal greedy decoding without a KV cache (compiled once per buffer length).
+"""Batched sampling with a KV cache: left-padded prompts, one prefill, a compiled decode loop.
 
-A stop-gap so `safer-jax chat` and the demo can show a model's answer; the batched
-KV-cache sampler replaces it.
+Why it is built this way:
+- Shapes are bucketed (batch, prompt length and cache length rounded up to powers of two),
+  so a new request reuses an already compiled program instead of compiling per length.
+- Decoding is a `jax.lax.while_loop` inside one jitted function whose step limit is an
+  argument: any number of steps runs from one compilation (`TRACE_COUNTS` counts traces).
+- EOS ids are checked on device every step; stop strings need text, so the host checks them
+  between chunks of `STOP_STRING_CHECK_EVERY` steps (without stop strings: one call).
+- Sampling follows transformers' order: temperature, top-k, top-p, then a categorical draw,
+  with the same filtering rules as its `TopKLogitsWarper` / `TopPLogitsWarper`.
+- With a mesh, the batch is sharded on ("data", "fsdp") and the cache's kv heads on
+  "tensor" where they divide (the `safer_jax.sharding` rules table). Every process must pass
+  the same prompts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from safer_jax.data.traces import TraceFormat
+from safer_jax.models.config import DecoderConfig
 from safer_jax.models.decoder import Decoder
+from safer_jax.models.hf_io import param_shardings
+from safer_jax.models.kv_cache import KVCache, forward_cached, init_cache
+from safer_jax.sampling import Sampler, process_logits, sample_tokens, top_k_filter, top_p_filter  # noqa: F401 (re-exported)
+from safer_jax.sharding import constrain, named_sharding
+
+FINISH_REASONS = ("stop", "length", "stop_string")
+STOP_STRING_CHECK_EVERY = 16  # decode steps between host-side stop-string checks
+MIN_PROMPT_BUCKET = 16
+# times each jitted function was traced (= compiled); a test asserts decode compiles once
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+# --------------------------------------------------------------------------- compiled parts
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    tokens: jax.Array  # [B, N] generated tokens; N = cache slots - prompt length
+    logits: jax.Array | None  # [B, N, V] float32 when recorded (tests), else None
+    step: jax.Array  # scalar int32: tokens generated so far
+    done: jax.Array  # [B] bool: row finished (EOS, stop string, or a batch-padding row)
+    offset: jax.Array  # [B] int32: left-padding slots; rope position = slot - offset
+    key: jax.Array
+    eos: jax.Array  # [E] int32 stop ids, padded with -1
+    pad_id: jax.Array  # scalar int32 written after a row finished
+
+
+def _prefill(graphdef, state, prompt, prompt_seg, active, key, eos, pad_id, *, sampler, slots, record_logits, mesh):
+    """Run the left-padded prompts `[B, P]` through the model, fill the cache, sample token 0."""
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    b, p = prompt.shape
+    seg = jnp.concatenate([prompt_seg, jnp.ones((b, slots - p), jnp.int32)], axis=1)  # [B, S]
+    cache = init_cache(model.config, constrain(seg, mesh, ("batch", "length")), mesh)
+    offset = p - jnp.sum(prompt_seg, axis=1, dtype=jnp.int32)  # [B]
+    positions = jnp.maximum(jnp.arange(p, dtype=jnp.int32)[None] - offset[:, None], 0)  # [B, P]
+    h, cache = forward_cached(model, prompt, positions, 0, cache, mesh)
+    logits = model.logits(h[:, -1:])[:, 0]  # [B, V]: every row's last prompt token is at slot P-1
+    tok = sample_tokens(logits, jax.random.fold_in(key, 0), sampler)
+    tok = jnp.where(active, tok, pad_id)
+    tokens = jnp.full((b, slots - p), pad_id, jnp.int32).at[:, 0].set(tok)
+    rec = None
+    if record_logits:
+        rec = jnp.zeros((b, slots - p, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+    done = ~active | jnp.isin(tok, eos)
+    return DecodeState(cache, tokens, rec, jnp.int32(1), done, offset, key, eos, pad_id)
+
+
+def _decode(graphdef, state, ds: DecodeState, limit, *, sampler, mesh) -> DecodeState:
+    """Decode until `step == limit` or every row is done; one token per iteration."""
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    prompt_len = ds.cache.k.shape[2] - ds.tokens.shape[1]
+
+    def cond(ds: DecodeState):
+        return (ds.step < limit) & ~jnp.all(ds.done)
+
+    def body(ds: DecodeState) -> DecodeState:
+        slot = prompt_len + ds.step - 1  # where the last generated token goes
+        last = jax.lax.dynamic_slice_in_dim(ds.tokens, ds.step - 1, 1, axis=1)  # [B, 1]
+        positions = (slot - ds.offset)[:, None]  # [B, 1]
+        h, cache = forward_cached(model, last, positions, slot, ds.cache, mesh)
+        logits = model.logits(h)[:, 0]  # [B, V]
+        tok = jnp.where(ds.done, ds.pad_id, sample_tokens(logits, jax.random.fold_in(ds.key, ds.step), sampler))
+        tokens = jax.lax.dynamic_update_slice(ds.tokens, tok[:, None], (0, ds.step))
+        rec = ds.logits
+        if rec is not None:
+            rec = jax.lax.dynamic_update_slice(rec, logits[:, None], (0, ds.step, 0))
+        done = ds.done | jnp.isin(tok, ds.eos)
+        return ds._replace(cache=cache, tokens=tokens, logits=rec, step=ds.step + 1, done=done)
+
+    return jax.lax.while_loop(cond, body, ds)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "sampler", "slots", "record_logits", "mesh"))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("ds",))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def model_eos_ids(cfg: DecoderConfig) -> tuple[int, ...]:
+    """EOS ids of config.json and generation_config.json (instruct models often add one there)."""
+    ids = list(cfg.eos_token_id)
+    if cfg.generation_config_json:
+        gen = json.loads(cfg.generation_config_json).get("eos_token_id")
+        ids += gen if isinstance(gen, list) else [gen] if gen is not None else []
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _placed_state(model: Decoder, mesh: Mesh | None):
+    """(graphdef, state) with parameters on `mesh` by the rules table (no-op if already there)."""
+    graphdef, state = nnx.split(model)
+    if mesh is None:
+        return graphdef, state
+    shardings = param_shardings(model, mesh)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        sh = shardings.get("/".join(map(str, path)))
+        flat.append((path, var if sh is None else var.replace(jax.device_put(var.get_value(), sh))))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host, batch-sharded) array on this host, whole."""
+    if x.is_fully_addressable:
+        return np.array(x)
+    from jax.experimental import multihost_utils
+
+    return np.array(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _put(x: np.ndarray, mesh: Mesh | None, axes: tuple) -> jax.Array:
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, named_sharding(mesh, axes, x.shape))
+
+
+@dataclasses.dataclass
+class BatchOutput:
+    tokens: list[list[int]]  # per prompt: new ids up to and including the stop (EOS or stop string)
+    finish_reasons: list[str]
+    logits: np.ndarray | None = None  # [B, N, V] float32 per generated position, when recorded
+    compile_shapes: tuple[int, int, int] = (0, 0, 0)  # (batch, prompt, cache slots) buckets used
+
+
+def _first_stop(ids: list[int], start: int, decode: Callable[[list[int]], str], stops: Sequence[str]) -> int | None:
+    """Smallest k > start with a stop string in decode(ids[:k]), or None."""
+    if not any(s in decode(ids) for s in stops):
+        return None
+    for k in range(max(start, 0) + 1, len(ids) + 1):
+        if any(s in decode(ids[:k]) for s in stops):
+            return k
+    return len(ids)
+
+
+def sample_batch(
+    model: Decoder,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    *,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    record_logits: bool = False,
+    stream: int = 0,
+    check_every: int = STOP_STRING_CHECK_EVERY,
+) -> BatchOutput:
+    """Generate for all `prompts` as one batch, stopping on exactly `eos_ids` (no model defaults).
+
+    `decode` (ids -> text) is needed for stop strings; `stream` varies the random key
+    (`fold_in(key(seed), stream)`) between batches of one request.
+    """
+    if sampling.stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function (ids -> text); generate_chat passes the tokenizer's")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    n_new = sampling.max_new_tokens
+    if not prompts or n_new == 0:
+        return BatchOutput([[] for _ in prompts], ["length"] * len(prompts))
+    mesh = mesh if mesh is not None else model.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    b = -(-_pow2(len(prompts)) // shards) * shards
+    p = _pow2(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+    slots = _pow2(p + n_new)
+    ids = np.full((b, p), pad_id, np.int32)
+    seg = np.zeros((b, p), np.int32)
+    for i, row in enumerate(prompts):
+        ids[i, p - len(row):], seg[i, p - len(row):] = row, 1
+    seg[len(prompts):, -1] = 1  # batch-padding rows: one pad token, finished from the start
+    active = np.arange(b) < len(prompts)
+    eos = np.full((_pow2(len(eos_ids), 4),), -1, np.int32)
+    eos[: len(eos_ids)] = eos_ids
+    graphdef, state = _placed_state(model, mesh)
+    key = jax.random.fold_in(jax.random.key(sampling.seed), stream)
+    sampler = Sampler(sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
+    ds = _prefill_jit(graphdef, state, _put(ids, mesh, ("batch", None)), _put(seg, mesh, ("batch", None)),
+                      _put(active, mesh, ("batch",)), key, jnp.asarray(eos), jnp.int32(pad_id),
+                      sampler=sampler, slots=slots, record_logits=record_logits, mesh=mesh)
+    stops = sampling.stop_strings
+    stop_at: dict[int, int] = {}  # row -> tokens kept (through the stop string)
+    checked = [0] * len(prompts)
+    step = 1
+    while True:
+        if stops:
+            tokens, done = _host(ds.tokens), _host(ds.done)
+            for i in range(len(prompts)):
+                if i in stop_at:
+                    continue
+                row = tokens[i, :step].tolist()
+                hit = [j for j, t in enumerate(row) if t in eos_ids]
+                row = row[: hit[0] + 1] if hit else row
+                k = _first_stop(row, checked[i], decode, stops) if len(row) > checked[i] else None
+                checked[i] = len(row)
+                if k is not None:
+                    stop_at[i], done[i] = k, True
+            ds = ds._replace(done=jax.device_put(done, ds.done.sharding))
+        if step >= n_new or _host(ds.done).all():
+            break
+        limit = min(n_new, step + check_every) if stops else n_new
+        ds = _decode_jit(graphdef, state, ds, jnp.int32(limit), sampler=sampler, mesh=mesh)
+        step = int(ds.step)
+    tokens = _host(ds.tokens)
+    out_tokens, reasons = [], []
+    for i in range(len(prompts)):
+        row = tokens[i, :n_new].tolist()
+        hit = next((j for j, t in enumerate(row[:step]) if t in eos_ids), None)
+        if i in stop_at:
+            out_tokens.append(row[: stop_at[i]])
+            reasons.append("stop_string")
+        elif hit is not None:
+            out_tokens.append(row[: hit + 1])
+            reasons.append("stop")
+        else:
+            out_tokens.append(row[:step])
+            reasons.append("length")
+    logits = _host(ds.logits)[: len(prompts), :n_new] if record_logits else None
+    return BatchOutput(out_tokens, reasons, logits, (b, p, slots))
+
+
+def generate_ids(
+    model: Decoder,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    *,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+) -> list[tuple[list[int], str]]:
+    """Per prompt, in input order: (new ids through the stop, finish reason in FINISH_REASONS).
+
+    Stops on the model's EOS ids (config and generation config) plus `eos_ids` (pass the
+    tokenizer's). All prompts form one batch; `generate_chat` splits large requests.
+    `decode` (ids -> text) is required only for `sampling.stop_strings`.
+    """
+    eos = tuple(dict.fromkeys((*model_eos_ids(model.config), *(int(i) for i in eos_ids))))
+    out = sample_batch(model, prompts, sampling, eos_ids=eos, pad_id=pad_id, mesh=mesh, decode=decode)
+    return list(zip(out.tokens, out.finish_reasons))
 
 
 def greedy_generate(
     model: Decoder, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()
 ) -> list[int]:
-    """Greedy continuation of one prompt; stops at any of `eos_ids`."""
-    graphdef, state = nnx.split(model)
-    n = len(prompt_ids)
-    buf = np.zeros((1, n + max_new_tokens), np.int32)
-    buf[0, :n] = prompt_ids
+    """Greedy continuation of one prompt (kept for callers of the old stop-gap sampler)."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
+    return generate_ids(model, [list(prompt_ids)], sampling, eos_ids=eos_ids)[0][0]
 
-    @jax.jit
-    def next_token(state, ids, t):  # ids [1, L]; returns argmax of logits at t - 1
-        m = nnx.merge(graphdef, state)
-        seg = (jnp.arange(ids.shape[1]) < t).astype(jnp.int32)[None]
-        logits = m(ids, segment_ids=seg)
-        return jnp.argmax(logits[0, t - 1])
 
-    out: list[int] = []
-    for t in range(n, n + max_new_tokens):
-        tok = int(next_token(state, jnp.asarray(buf), t))
-        out.append(tok)
-        buf[0, t] = tok
-        if tok in eos_ids:
-            break
-    return out
+# --------------------------------------------------------------------------- chat
+
+
+def split_reasoning(text: str, fmt: TraceFormat = TraceFormat()) -> tuple[str, str | None]:
+    """(reasoning, response): the text inside the trace tags and the stripped text after them.
+
+    No open tag: ("", whole text). Open tag but no close tag: (the rest, None), the trace never
+    finished.
+    """
+    start = text.find(fmt.open_tag)
+    if start < 0:
+        return "", text.strip()
+    body = text[start + len(fmt.open_tag):]
+    end = body.find(fmt.close_tag)
+    if end < 0:
+        return body.strip(), None
+    return body[:end].strip(), body[end + len(fmt.close_tag):].strip()
+
+
+def chat_prompt_ids(tokenizer: Any, row: dict, system_prompt: str | None = None) -> list[int]:
+    """Token ids of a row's chat (`prompt` str or `messages`) with the generation prompt appended.
+
+    Without `system_prompt` the template's default applies; a row's own system message wins.
+    """
+    if "messages" in row:
+        messages = list(row["messages"])
+    elif "prompt" in row:
+        messages = [{"role": "user", "content": str(row["prompt"])}]
+    else:
+        raise ValueError(f"row {row.get('id')!r} has neither 'prompt' nor 'messages'")
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def generate_chat(
+    model: Decoder,
+    tokenizer: Any,
+    rows: list[dict],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    fmt: TraceFormat = TraceFormat(),
+) -> list[dict]:
+    """Answer chat rows; returns per row, in input order, {"id", "text", "reasoning", "response",
+    "prompt_tokens", "completion_tokens", "finish_reason"}.
+
+    Rows are sorted by prompt length into batches (less padding, fewer shape buckets).
+    """
+    from tqdm.auto import tqdm
+
+    encoded = [chat_prompt_ids(tokenizer, row, system_prompt) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    eos = (*model_eos_ids(model.config), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+    eos = tuple(dict.fromkeys(eos))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model.config.pad_token_id or 0)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    results: list[dict] = [{} for _ in rows]
+    for n, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+        out = sample_batch(model, [encoded[i] for i in idx], sampling, eos_ids=eos, pad_id=pad, mesh=mesh,
+                           decode=decode, stream=n)
+        for i, ids, reason in zip(idx, out.tokens, out.finish_reasons):
+            text = decode(ids)
+            if reason == "stop_string":  # cut after the stop string (its last token may run past it)
+                cut = min((text.find(s) + len(s) for s in sampling.stop_strings if s in text), default=len(text))
+                text = text[:cut]
+            reasoning, response = split_reasoning(text, fmt)
+            results[i] = {"id": rows[i].get("id", i), "text": text, "reasoning": reasoning, "response": response,
+                          "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids), "finish_reason": reason}
+    return results

@@ -82,20 +82,19 @@ def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def layer_forward(
+def layer_qkv(
     cfg: DecoderConfig,
     mesh: Mesh | None,
-    p: dict[str, jax.Array],  # one layer's parameters (no leading L)
+    w: dict[str, jax.Array],  # one layer's parameters in the compute dtype
     x: jax.Array,  # [B, T, D]
     sin: jax.Array,  # [B, T, H]
     cos: jax.Array,
-    segment_ids: jax.Array,  # [B, T]
-    index: jax.Array,  # [B, T]
-    window: jax.Array | int,
-) -> jax.Array:
-    """One pre-norm block: x + attn(norm(x)); x + swiglu(norm(x))."""
-    dt = x.dtype
-    w = {k: v.astype(dt) for k, v in p.items()}
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention inputs of one block: q `[B, T, N, H]`, k and v `[B, T, K, H]`, rope applied.
+
+    Shared by the full forward and the KV-cache forward (`models/kv_cache.py`), so both
+    compute exactly the same projections.
+    """
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
@@ -108,7 +107,17 @@ def layer_forward(
     q = constrain(apply_rope(q, sin, cos), mesh, ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, sin, cos), mesh, ("batch", "length", "act_kv_heads", None))
     v = constrain(v, mesh, ("batch", "length", "act_kv_heads", None))
-    o = attention(q, k, v, segment_ids, segment_ids, index, index, window, cfg.attention)
+    return q, k, v
+
+
+def layer_output(
+    cfg: DecoderConfig,
+    mesh: Mesh | None,
+    w: dict[str, jax.Array],
+    x: jax.Array,  # [B, T, D] the block's input (residual stream)
+    o: jax.Array,  # [B, T, N, H] attention output
+) -> jax.Array:
+    """The rest of one block after attention: output projection, residual, SwiGLU MLP."""
     o = jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
     if cfg.o_bias:
         o = o + w["bo"]
@@ -119,6 +128,24 @@ def layer_forward(
     act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "length", "act_mlp"))
     x = x + jnp.einsum("BTF,FD->BTD", act, w["w_down"])
     return constrain(x, mesh, ("batch", "length", "act_embed"))
+
+
+def layer_forward(
+    cfg: DecoderConfig,
+    mesh: Mesh | None,
+    p: dict[str, jax.Array],  # one layer's parameters (no leading L)
+    x: jax.Array,  # [B, T, D]
+    sin: jax.Array,  # [B, T, H]
+    cos: jax.Array,
+    segment_ids: jax.Array,  # [B, T]
+    index: jax.Array,  # [B, T]
+    window: jax.Array | int,
+) -> jax.Array:
+    """One pre-norm block: x + attn(norm(x)); x + swiglu(norm(x))."""
+    w = {k: v.astype(x.dtype) for k, v in p.items()}
+    q, k, v = layer_qkv(cfg, mesh, w, x, sin, cos)
+    o = attention(q, k, v, segment_ids, segment_ids, index, index, window, cfg.attention)
+    return layer_output(cfg, mesh, w, x, o)
 
 
 class DecoderLayers(nnx.Module):
@@ -187,20 +214,26 @@ class Decoder(nnx.Module):
             positions = segment_positions(segment_ids)
         positions = jnp.asarray(positions, jnp.int32)
         index = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        dt = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
-        x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
+        x = self.embed_tokens(input_ids)
         sin, cos = rope_tables(positions, np.asarray(self.inv_freq, np.float32))
         x = self.layers(cfg, self.mesh, x, sin, cos, segment_ids, index)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, T, D]` in the compute dtype."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        return constrain(x, self.mesh, ("batch", "length", "act_embed"))
 
     def output_weights(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
-    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
-        x = self.hidden_states(input_ids, positions, segment_ids)
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Float32 logits `[B, T, V]` from final-normed hidden states `[B, T, D]`."""
         w = self.output_weights().astype(x.dtype)
         acc = jnp.promote_types(x.dtype, jnp.float32)  # float32 logits (float64 under x64 tests)
         logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=acc)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
