@@ -139,18 +139,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the full demo lands: the embedded default model answers one chat prompt."""
-    from safer_jax.models import from_pretrained
+    """Baseline eval, SFT, preference optimization, eval again and a report, on the embedded default."""
+    from safer_jax.demo import run_demo
 
-    folder, gguf = smollm2_location()
-    print(f"loading SmolLM2-135M-Instruct from {folder / gguf} ...", flush=True)
-    t0 = time.time()
-    model = from_pretrained(str(folder), gguf_file=gguf)
-    tok = _load_tokenizer(str(folder), gguf)
-    print(f"loaded in {time.time() - t0:.1f}s; {model.config.num_params() / 1e6:.0f}M parameters", flush=True)
-    for p in args.prompt or ["What is the capital of France?"]:
-        t0 = time.time()
-        print(f">>> {p}\n{_chat_once(model, tok, p, args.max_new_tokens)}\n({time.time() - t0:.1f}s)", flush=True)
+    run_dir = args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo")
+    run_demo(run_dir, quick=args.quick, full=args.full, budget_minutes=args.time_budget)
     return 0
 
 
@@ -392,9 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(ev, 256)
     ev.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("demo", help="the embedded default end to end")
-    d.add_argument("--prompt", action="append")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = sub.add_parser("demo", help="align the embedded default end to end: eval, SFT, preference, eval, report")
+    d.add_argument("--run-dir", default=None, help="run folder (default runs/demo; an existing one resumes)")
+    d.add_argument("--quick", action="store_true", help="the same pipeline on a tiny random model (minutes)")
+    d.add_argument("--full", action="store_true", help="all bundled data and eval prompts (hours on CPU)")
+    d.add_argument("--time-budget", type=float, default=30.0, metavar="MINUTES",
+                   help="size the run to about this wall time on this machine (default 30)")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -26,10 +26,11 @@ from typing import Any
 
 from safer_jax.data import bundled
 
-# measured on a 2-core CPU (docs/benchmarks.md): SmolLM2-135M SFT about 70 tokens/s; decoding
-# with the KV cache, batch 8, about DECODE_TPS new tokens/s in all
+# measured on this 2-core CPU (docs/benchmarks.md): SmolLM2-135M SFT trains at about 70 tokens/s;
+# one KV-cache decode step of a batch of 64 takes about 0.7 s (the tiny model: negligible)
 TRAIN_TPS = {"smollm2": 70.0, "tiny": 20000.0}
-DECODE_TPS = {"smollm2": 60.0, "tiny": 2000.0}
+DECODE_STEP_S = {"smollm2": 0.7, "tiny": 0.02}
+FIXED_MINUTES = 7.0  # three model loads, two training compilations, the reference pass, exports
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 
 
@@ -61,26 +62,26 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
                         "optimizer.lr=3e-3"), 32, 8, 0.0, ("data.seq_len=384", "data.batch_size=4",
                         "optimizer.lr=1e-3", "preference.beta=0.5"))
     seq, bs = 512, 4
-    pref_seq, pref_bs = 320, 4
+    pref_seq, pref_bs = 256, 4
+    gen_batch = 64
     if full:
         counts, mnt = (0, 0, 0), 320
         sft_steps, pref_pairs, pref_steps = 150, 0, 150
         sft_min = pref_min = 0.0
     else:
-        counts, mnt = (24, 24, 8), 256
-        fixed = 6.0  # three model loads, four compilations, exports
-        gen_min = 2 * sum(counts) * 0.6 * mnt / DECODE_TPS[model] / 60  # about 60% of the budget of new tokens used
-        train_min = max(budget_minutes - fixed - gen_min, 4.0)
-        sft_min, pref_min = 0.72 * train_min, 0.28 * train_min
+        counts, mnt = (24, 24, 8), 224  # the Ex-Ante traces need about 150 tokens, 200 at most
+        gen_min = 2 * math.ceil(sum(counts) / gen_batch) * mnt * DECODE_STEP_S[model] / 60
+        train_min = max(budget_minutes - FIXED_MINUTES - gen_min, 4.0)
+        sft_min, pref_min = 0.7 * train_min, 0.3 * train_min
         sft_steps = max(4, int(sft_min * 60 * TRAIN_TPS[model] / (seq * bs)))
         # cached reference: a step costs about as much as SFT on 2 x pref_bs rows of pref_seq
         pref_steps = max(2, int(pref_min * 60 * TRAIN_TPS[model] / (2 * pref_bs * pref_seq)))
         pref_pairs = pref_steps * pref_bs
-    sft = (f"data.seq_len={seq}", f"data.batch_size={bs}", "optimizer.lr=1e-4", "optimizer.schedule=constant",
-           "optimizer.warmup_steps=3", "optimizer.weight_decay=0.0")
-    pref = (f"data.seq_len={pref_seq}", f"data.batch_size={pref_bs}", "optimizer.lr=2e-6",
-            "optimizer.schedule=constant", "optimizer.warmup_steps=2", "preference.beta=0.1")
-    return DemoPlan(model, counts, mnt, 8, sft_steps, sft_min, sft, pref_pairs, pref_steps, pref_min, pref)
+    sft = (f"data.seq_len={seq}", f"data.batch_size={bs}", "optimizer.lr=1.5e-4", "optimizer.schedule=constant",
+           "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0")
+    pref = (f"data.seq_len={pref_seq}", f"data.batch_size={pref_bs}", "optimizer.lr=5e-6",
+            "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
+    return DemoPlan(model, counts, mnt, gen_batch, sft_steps, sft_min, sft, pref_pairs, pref_steps, pref_min, pref)
 
 
 class DemoState:
