@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Answer eval sets, score refusals and traces, write results.json, report.md and plots to --out."""
     import os
 
-    from safer_jax.evaluation import OpenAIJudge, evaluate, load_eval_sets
+    from safer_jax.evaluation import OpenAIJudge, ScoreOptions, evaluate, load_eval_sets
     from safer_jax.evaluation.sets import parse_columns
 
     examples = load_eval_sets(args.sets, columns=parse_columns(args.columns), limit=args.limit)
@@ -272,7 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res, base, paths = evaluate(args.model, examples, args.out, _sampling(args), gguf_file=args.gguf_file,
                                 baseline=args.baseline, baseline_gguf_file=args.baseline_gguf_file,
                                 batch_size=args.batch_size, judge=judge, system_prompt=args.system_prompt,
-                                progress=not args.quiet)
+                                progress=not args.quiet,
+                                options=ScoreOptions(helpful_min_overlap=args.helpful_min_overlap))
     for name, r in (("baseline", base), ("model", res)):
         if r is not None:
             m = r.metrics["overall"]
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-model", default=None)
     ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
     ev.add_argument("--out", required=True, help="output folder (results.json, report.md, *.png)")
+    ev.add_argument("--helpful-min-overlap", type=float, default=0.0,
+                    help="benign answers count as helpful only with this ROUGE-L recall of the reference (0: answered)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sampling_flags(ev, 256)
     ev.set_defaults(fn=cmd_eval)

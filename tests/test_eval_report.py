@@ -240,13 +240,14 @@ def test_cli_eval_with_injected_generator(tiny_dir, tmp_path, monkeypatch, capsy
     out = tmp_path / "out"
     rc = cli.main(["eval", "--model", str(tiny_dir), "--baseline", str(tiny_dir), "--sets",
                    f"fx={_eval_file(tmp_path)}", "--max-new-tokens", "12", "--batch-size", "2", "--out", str(out),
-                   "--quiet"])
+                   "--quiet", "--helpful-min-overlap", "0.5"])
     assert rc == 0
     assert seen == [(12, 2, 5), (12, 2, 5)]
     text = capsys.readouterr().out
     assert "model: 5 prompts; harmful compliance 50.0%" in text and "baseline: 5 prompts" in text
     md = (out / "report.md").read_text()
     assert _table_row(md, "Harmful compliance ↓")[1:4] == ["100.0%", "50.0%", "-50.0 pp"]
+    assert _table_row(md, "Helpfulness ↑")[1:4] == ["50.0%", "50.0%", "+0.0 pp"]  # ROUGE-L >= 0.5 required
     assert SECRET not in md and SECRET not in (out / "results.json").read_text()
     # a bad set is reported with its file and field, exit code 2
     bad = tmp_path / "bad.csv"

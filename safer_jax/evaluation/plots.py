@@ -84,7 +84,7 @@ def plot_categories(path: Path, rows: list[dict[str, Any]], base_rows: list[dict
     for harmful, title in panels:
         m = _category_rates(rows, harmful)
         b = _category_rates(base_rows, harmful) if base_rows is not None else None
-        cats = sorted(set(m) | set(b or {}), key=lambda c: -(m.get(c) or 0))
+        cats = sorted(sorted(set(m) | set(b or {})), key=lambda c: -(m.get(c) or 0))  # ties by name
         if cats:
             counts = {c: sum(1 for r in rows if r["category"] == c and (r["label"] == "harmful") == harmful)
                       for c in cats}

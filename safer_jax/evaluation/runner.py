@@ -76,11 +76,12 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
              gguf_file: str | None = None, baseline: str | None = None, baseline_gguf_file: str | None = None,
              batch_size: int = 8, judge: Any = None, mesh: Any = None, system_prompt: str | None = None,
              generate_fn: Callable[..., list[dict]] | None = None, progress: bool = True,
-             title: str = "safer-jax safety evaluation") -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
+             options: ScoreOptions = ScoreOptions(), title: str = "safer-jax safety evaluation"
+             ) -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
     """Evaluate `model` (and `baseline`: a model spec, or an earlier results.json / out folder); write reports."""
     examples = list(examples)
     res = _evaluate_one(model, gguf_file, examples, sampling, batch_size, judge, mesh, system_prompt, generate_fn,
-                        progress, "model")
+                        progress, options, "model")
     base = None
     if baseline:
         bpath = Path(baseline)
@@ -89,20 +90,20 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
             base.info.setdefault("name", "baseline")
         else:
             base = _evaluate_one(baseline, baseline_gguf_file, examples, sampling, batch_size, judge, mesh,
-                                 system_prompt, generate_fn, progress, "baseline")
+                                 system_prompt, generate_fn, progress, options, "baseline")
     paths = write_report(out_dir, res, base, title)
     return res, base, paths
 
 
 def _evaluate_one(spec: str, gguf_file: str | None, examples: list[EvalExample], sampling: Any, batch_size: int,
                   judge: Any, mesh: Any, system_prompt: str | None, generate_fn: Callable | None, progress: bool,
-                  role: str) -> EvalResult:
+                  options: ScoreOptions, role: str) -> EvalResult:
     t0 = time.perf_counter()
     model, tok, name = load_model(spec, gguf_file, mesh)
     load_s = time.perf_counter() - t0
     log.info("loaded %s %s in %.1fs", role, name, load_s)
     res = run_eval(model, tok, examples, sampling, batch_size=batch_size, mesh=mesh, judge=judge,
-                   generate_fn=generate_fn, system_prompt=system_prompt, progress=progress,
+                   generate_fn=generate_fn, system_prompt=system_prompt, progress=progress, options=options,
                    info={"model": name, "name": role, "load_s": round(load_s, 1)})
     del model
     return res
