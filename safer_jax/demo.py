@@ -26,11 +26,11 @@ from typing import Any
 
 from safer_jax.data import bundled
 
-# measured on this 2-core CPU (docs/benchmarks.md): SmolLM2-135M SFT trains at about 70 tokens/s;
-# one KV-cache decode step of a batch of 64 takes about 0.7 s (the tiny model: negligible)
-TRAIN_TPS = {"smollm2": 70.0, "tiny": 20000.0}
-DECODE_STEP_S = {"smollm2": 0.7, "tiny": 0.02}
-FIXED_MINUTES = 7.0  # three model loads, two training compilations, the reference pass, exports
+# measured on this 2-core CPU (docs/benchmarks.md): SmolLM2-135M SFT trains at about 45 tokens/s
+# (batch 4 x 512); one KV-cache decode step of a batch of 64 takes about 1.2 s (the tiny model: negligible)
+TRAIN_TPS = {"smollm2": 45.0, "tiny": 20000.0}
+DECODE_STEP_S = {"smollm2": 1.2, "tiny": 0.02}
+FIXED_MINUTES = 6.0  # model loads, two training compilations, the reference pass, exports
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 
 

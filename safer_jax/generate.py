@@ -39,6 +39,7 @@ from safer_jax.sharding import constrain, named_sharding
 FINISH_REASONS = ("stop", "length", "stop_string")
 STOP_STRING_CHECK_EVERY = 16  # decode steps between host-side stop-string checks
 MIN_PROMPT_BUCKET = 16
+SLOT_BUCKET = 64  # cache lengths round up to a multiple of this
 # times each jitted function was traced (= compiled); a test asserts decode compiles once
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -205,11 +206,13 @@ def sample_batch(
     record_logits: bool = False,
     stream: int = 0,
     check_every: int = STOP_STRING_CHECK_EVERY,
+    on_progress: Callable[[int], None] | None = None,
 ) -> BatchOutput:
     """Generate for all `prompts` as one batch, stopping on exactly `eos_ids` (no model defaults).
 
     `decode` (ids -> text) is needed for stop strings; `stream` varies the random key
-    (`fold_in(key(seed), stream)`) between batches of one request.
+    (`fold_in(key(seed), stream)`) between batches of one request. `on_progress(step)` is
+    called every `check_every` decode steps (the loop then returns to the host that often).
     """
     if sampling.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (ids -> text); generate_chat passes the tokenizer's")
@@ -222,7 +225,7 @@ def sample_batch(
     shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     b = -(-_pow2(len(prompts)) // shards) * shards
     p = _pow2(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
-    slots = _pow2(p + n_new)
+    slots = -(-(p + n_new) // SLOT_BUCKET) * SLOT_BUCKET  # every decode step reads all slots: no pow2 waste
     ids = np.full((b, p), pad_id, np.int32)
     seg = np.zeros((b, p), np.int32)
     for i, row in enumerate(prompts):
@@ -255,9 +258,11 @@ def sample_batch(
                 if k is not None:
                     stop_at[i], done[i] = k, True
             ds = ds._replace(done=jax.device_put(done, ds.done.sharding))
+        if on_progress is not None:
+            on_progress(step)
         if step >= n_new or _host(ds.done).all():
             break
-        limit = min(n_new, step + check_every) if stops else n_new
+        limit = min(n_new, step + check_every) if stops or on_progress is not None else n_new
         ds = _decode_jit(graphdef, state, ds, jnp.int32(limit), sampler=sampler, mesh=mesh)
         step = int(ds.step)
     tokens = _host(ds.tokens)
@@ -373,9 +378,14 @@ def generate_chat(
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     results: list[dict] = [{} for _ in rows]
-    for n, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+    bar = tqdm(total=len(batches) * sampling.max_new_tokens, desc=f"generate ({len(batches)} batches)", unit="step",
+               disable=not progress, mininterval=2.0)
+    for n, idx in enumerate(batches):
+        done_before = n * sampling.max_new_tokens
         out = sample_batch(model, [encoded[i] for i in idx], sampling, eos_ids=eos, pad_id=pad, mesh=mesh,
-                           decode=decode, stream=n)
+                           decode=decode, stream=n,
+                           on_progress=(lambda step: bar.update(done_before + step - bar.n)) if progress else None)
+        bar.update(done_before + sampling.max_new_tokens - bar.n)
         for i, ids, reason in zip(idx, out.tokens, out.finish_reasons):
             text = decode(ids)
             if reason == "stop_string":  # cut after the stop string (its last token may run past it)
@@ -384,4 +394,5 @@ def generate_chat(
             reasoning, response = split_reasoning(text, fmt)
             results[i] = {"id": rows[i].get("id", i), "text": text, "reasoning": reasoning, "response": response,
                           "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids), "finish_reason": reason}
+    bar.close()
     return results
