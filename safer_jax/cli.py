@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from safer_jax.models.embedded import smollm2_location
 
@@ -205,36 +206,33 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from safer_jax.config import SFTConfig, load_config
+def _train(args: argparse.Namespace, config_cls: type, train: Any) -> int:
+    from safer_jax.config import load_config
     from safer_jax.training.run import TrainingStopped
-    from safer_jax.training.sft_loop import train_sft
 
-    cfg = load_config(SFTConfig, args.config, args.overrides)
+    cfg = load_config(config_cls, args.config, args.overrides)
     try:
-        res = train_sft(cfg)
+        res = train(cfg)
     except TrainingStopped as e:
-        print(f"safer-jax sft: stopped: {e}", file=sys.stderr)
+        print(f"safer-jax {args.command}: stopped: {e}", file=sys.stderr)
         return 3
     if res.get("preempted"):
         print(f"preempted at step {res['step']}; checkpoint saved")
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from safer_jax.config import SFTConfig
+    from safer_jax.training.sft_loop import train_sft
+
+    return _train(args, SFTConfig, train_sft)
 
 
 def cmd_prefopt(args: argparse.Namespace) -> int:
-    from safer_jax.config import PrefOptConfig, load_config
+    from safer_jax.config import PrefOptConfig
     from safer_jax.training.prefopt_loop import train_prefopt
-    from safer_jax.training.run import TrainingStopped
 
-    cfg = load_config(PrefOptConfig, args.config, args.overrides)
-    try:
-        res = train_prefopt(cfg)
-    except TrainingStopped as e:
-        print(f"safer-jax prefopt: stopped: {e}", file=sys.stderr)
-        return 3
-    if res.get("preempted"):
-        print(f"preempted at step {res['step']}; checkpoint saved")
-    return 0
+    return _train(args, PrefOptConfig, train_prefopt)
 
 
 def cmd_ref_logps(args: argparse.Namespace) -> int:

@@ -201,13 +201,9 @@ class PreferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefOptConfig:
-    run_dir: str = ""
-    model: ModelConfig = ModelConfig()
-    mesh: MeshConfig = MeshConfig()
-    data: DataConfig = DataConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    train: TrainConfig = TrainConfig()
+class PrefOptConfig(SFTConfig):
+    """An SFT run's sections plus the preference loss and reference."""
+
     preference: PreferenceConfig = PreferenceConfig()
 
 

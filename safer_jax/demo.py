@@ -31,6 +31,9 @@ from safer_jax.data import bundled
 TRAIN_TPS = {"smollm2": 45.0, "tiny": 20000.0}
 DECODE_STEP_S = {"smollm2": 1.2, "tiny": 0.02}
 FIXED_MINUTES = 6.0  # model loads, two training compilations, the reference pass, exports
+HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
+# with few preference steps, spend them on the pairs that decide refusing vs answering
+DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 
 
@@ -72,14 +75,14 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
         counts, mnt = (24, 24, 8), 224  # the Ex-Ante traces need about 150 tokens, 200 at most
         gen_min = 2 * math.ceil(sum(counts) / gen_batch) * mnt * DECODE_STEP_S[model] / 60
         train_min = max(budget_minutes - FIXED_MINUTES - gen_min, 4.0)
-        sft_min, pref_min = 0.7 * train_min, 0.3 * train_min
+        sft_min, pref_min = 0.75 * train_min, 0.25 * train_min
         sft_steps = max(4, int(sft_min * 60 * TRAIN_TPS[model] / (seq * bs)))
         # cached reference: a step costs about as much as SFT on 2 x pref_bs rows of pref_seq
         pref_steps = max(2, int(pref_min * 60 * TRAIN_TPS[model] / (2 * pref_bs * pref_seq)))
         pref_pairs = pref_steps * pref_bs
-    sft = (f"data.seq_len={seq}", f"data.batch_size={bs}", "optimizer.lr=1.5e-4", "optimizer.schedule=constant",
+    sft = (f"data.seq_len={seq}", f"data.batch_size={bs}", "optimizer.lr=2.5e-4", "optimizer.schedule=constant",
            "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0")
-    pref = (f"data.seq_len={pref_seq}", f"data.batch_size={pref_bs}", "optimizer.lr=5e-6",
+    pref = (f"data.seq_len={pref_seq}", f"data.batch_size={pref_bs}", "optimizer.lr=1e-5",
             "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
     return DemoPlan(model, counts, mnt, gen_batch, sft_steps, sft_min, sft, pref_pairs, pref_steps, pref_min, pref)
 
@@ -190,8 +193,11 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
         t0 = stage("stage 1: SFT on Ex-Ante traces", 2)
         from safer_jax.training.sft_loop import train_sft
 
+        sft_data = run_dir / "sft_traces.jsonl"
+        n_traces = _write_sft_traces(sft_data, harmful_copies=1 if plan.model == "tiny" else HARMFUL_COPIES)
+        _say(f"{n_traces} SFT traces in {sft_data}")
         cfg = load_config(SFTConfig, None, [f"run_dir={sft_dir}", f"model.path={base_path}",
-                                            f"model.gguf_file={base_gguf}", "data.train=bundled",
+                                            f"model.gguf_file={base_gguf}", f"data.train={sft_data}",
                                             f"train.steps={plan.sft_steps}", f"train.max_minutes={plan.sft_minutes}",
                                             f"train.checkpoint_every={max(plan.sft_steps // 3, 1)}",
                                             "train.log_every=1", *plan.sft_overrides])
@@ -253,8 +259,20 @@ def _headline(res: Any) -> dict[str, Any]:
     return {k: o.get(k) for k in keys} | {"generate_s": res.info.get("generate_s")}
 
 
+def _write_sft_traces(path: Path, harmful_copies: int) -> int:
+    """The bundled traces, harmful ones `harmful_copies` times: a short CPU run sees each trace
+    about once, and refusing is the behaviour the base model lacks entirely."""
+    from safer_jax.data.pipeline import load_traces
+
+    traces = load_traces(bundled("train_traces.jsonl"))
+    rows = [t for t in traces for _ in range(harmful_copies if t.label == "harmful" else 1)]
+    path.write_text("".join(json.dumps(t.to_json()) + "\n" for t in rows))
+    return len(rows)
+
+
 def _write_pairs(path: Path, n: int) -> int:
-    """Step pairs from the bundled traces (controlled corruptions), a balanced sample of `n` (0 = all)."""
+    """Step pairs from the bundled traces (controlled corruptions), a balanced sample of `n` (0 = all)
+    over the kinds that decide the outcome (DECISION_KINDS) when sampled."""
     from safer_jax.data.pairs import make_pairs
     from safer_jax.data.pipeline import load_traces
     from safer_jax.data.rules import load_rules
@@ -265,7 +283,7 @@ def _write_pairs(path: Path, n: int) -> int:
     rng.shuffle(pairs)
     if n:
         by_kind: dict[str, list[Any]] = {}
-        for p in pairs:
+        for p in (p for p in pairs if p.kind in DECISION_KINDS):
             by_kind.setdefault(p.kind, []).append(p)
         per = math.ceil(n / len(by_kind))
         pairs = [p for group in by_kind.values() for p in group[:per]]
@@ -302,6 +320,9 @@ def _demo_markdown(data: dict[str, Any], plan: DemoPlan, quick: bool) -> str:
             lines.append(f"| {name} | {s[name]['seconds'] / 60:.1f} min | {details} |")
     lines += [f"| total | {total / 60:.1f} min | |", "",
               f"Plan: {json.dumps(plan.to_json())}", "",
+              f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} on the real "
+              f"model); preference pairs sampled evenly over {', '.join(DECISION_KINDS)} (`pairs.jsonl`). "
+              "The evaluation prompts share no 8-word span with any training prompt (tests/test_bundled_data.py).", "",
               "Artifacts: `sft/` and `prefopt/` (config, metrics.jsonl, TensorBoard, checkpoints, export), "
               "`pairs.jsonl`, `ref_cache/`, `model/` (the aligned model, a HF folder), `baseline/` and `final/` "
               "(results.json), `report/` (plots).", ""]

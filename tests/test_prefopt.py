@@ -185,3 +185,13 @@ def test_gradient_accumulation_equals_one_batch(tiny, traces, rules):
         np.testing.assert_allclose(margin, outs[0][1], rtol=1e-4, atol=1e-6)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(outs[0][2])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_every_prefopt_config_loads():
+    from safer_jax.losses import PREFERENCE_LOSSES
+
+    files = sorted((ROOT / "configs" / "prefopt").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(PrefOptConfig, str(f))
+        assert cfg.train.steps > 0 and cfg.model.path and cfg.preference.loss_type in PREFERENCE_LOSSES, f
