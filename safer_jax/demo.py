@@ -56,6 +56,11 @@ class DemoPlan:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> DemoPlan:
+        """Inverse of `to_json` (JSON has lists where the plan has tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
+
 
 def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = False) -> DemoPlan:
     """Split the budget: fixed costs (loading, compiling), two evaluations, SFT, preference optimization."""
@@ -163,10 +168,7 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     st = DemoState(run_dir)
-    plan = DemoPlan(**{**st.data["plan"], "eval_counts": tuple(st.data["plan"]["eval_counts"]),
-                       "sft_overrides": tuple(st.data["plan"]["sft_overrides"]),
-                       "pref_overrides": tuple(st.data["plan"]["pref_overrides"])}) if "plan" in st.data \
-        else plan_for(budget_minutes, quick, full)
+    plan = DemoPlan.from_json(st.data["plan"]) if "plan" in st.data else plan_for(budget_minutes, quick, full)
     st.data["plan"] = plan.to_json()
     st.save()
     t_all = time.time()

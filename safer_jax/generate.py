@@ -139,13 +139,14 @@ def _pow2(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
-def model_eos_ids(cfg: DecoderConfig) -> tuple[int, ...]:
-    """EOS ids of config.json and generation_config.json (instruct models often add one there)."""
+def model_eos_ids(cfg: DecoderConfig, extra: Sequence[int | None] = ()) -> tuple[int, ...]:
+    """EOS ids of config.json and generation_config.json (instruct models often add one there),
+    then `extra` (e.g. the tokenizer's), without duplicates."""
     ids = list(cfg.eos_token_id)
     if cfg.generation_config_json:
         gen = json.loads(cfg.generation_config_json).get("eos_token_id")
         ids += gen if isinstance(gen, list) else [gen] if gen is not None else []
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    return tuple(dict.fromkeys(int(i) for i in [*ids, *extra] if i is not None))
 
 
 def _placed_state(model: Decoder, mesh: Mesh | None):
@@ -299,7 +300,7 @@ def generate_ids(
     tokenizer's). All prompts form one batch; `generate_chat` splits large requests.
     `decode` (ids -> text) is required only for `sampling.stop_strings`.
     """
-    eos = tuple(dict.fromkeys((*model_eos_ids(model.config), *(int(i) for i in eos_ids))))
+    eos = model_eos_ids(model.config, eos_ids)
     out = sample_batch(model, prompts, sampling, eos_ids=eos, pad_id=pad_id, mesh=mesh, decode=decode)
     return list(zip(out.tokens, out.finish_reasons))
 
@@ -370,8 +371,7 @@ def generate_chat(
     encoded = [chat_prompt_ids(tokenizer, row, system_prompt) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    eos = (*model_eos_ids(model.config), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
-    eos = tuple(dict.fromkeys(eos))
+    eos = model_eos_ids(model.config, (tokenizer.eos_token_id,))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model.config.pad_token_id or 0)
 
     def decode(ids: list[int]) -> str:

@@ -11,3 +11,8 @@ def bundled(name: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"no bundled data file {name!r} in {BUNDLED}")
     return p
+
+
+def train_file(name: str) -> Path:
+    """`data.train` as a path: "" or "bundled" is the packaged traces (pairs are built from them)."""
+    return bundled("train_traces.jsonl") if name in ("", "bundled") else Path(name)

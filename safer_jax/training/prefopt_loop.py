@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from safer_jax.config import ModelConfig, PrefOptConfig
-from safer_jax.data import bundled
+from safer_jax.data import train_file
 from safer_jax.data.pipeline import PipelineConfig, load_preference_data, preference_dataset
 from safer_jax.data.records import SkipReport
 from safer_jax.data.rules import load_rules
@@ -38,9 +38,6 @@ from safer_jax.training.sft import compile_step, init_state
 
 REFERENCE_MODES = ("cache", "model")
 
-
-def _pairs_path(name: str) -> Path:
-    return bundled("train_traces.jsonl") if name in ("", "bundled") else Path(name)
 
 
 def _validate(cfg: PrefOptConfig) -> None:
@@ -64,20 +61,32 @@ def reference_location(cfg: PrefOptConfig, run_dir: Path) -> tuple[str, str | No
     return resolve_model_path(cfg.model, run_dir)
 
 
+def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tuple[list[Any], list[str]]:
+    """The run's pairs, and their texts (a `tiny` model's tokenizer is trained on them)."""
+    pairs = load_preference_data(train_file(cfg.data.train), load_rules(cfg.data.rules), span=cfg.preference.span,
+                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed)
+    return pairs, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+
+
+def _load_reference(cfg: PrefOptConfig, ref_loc: tuple[str, str | None], mesh: Any) -> tuple[Any, Any]:
+    """(graphdef, params) of the reference, loaded like the policy onto `mesh`."""
+    say(f"loading the reference from {ref_loc[0]}")
+    ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                          mesh=mesh, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
+    return nnx.split(ref)
+
+
 def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     """Everything before step 1: pairs, model, tokenizer, reference (cached log-probs or a frozen copy)."""
     _validate(cfg)
     pc, tc = cfg.preference, cfg.train
     run_dir = Path(cfg.run_dir)
     write_run_files(run_dir, cfg)
-    rules = load_rules(cfg.data.rules)
     report = SkipReport()
-    pairs = load_preference_data(_pairs_path(cfg.data.train), rules, span=pc.span,
-                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed)
+    pairs, texts = _pairs_and_texts(cfg, report)
     if report.total:
         say(report.summary())
-    say(f"{len(pairs)} preference pairs from {_pairs_path(cfg.data.train)}")
-    texts = [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    say(f"{len(pairs)} preference pairs from {train_file(cfg.data.train)}")
     mesh, model, tok, _ = load_model_and_tokenizer(cfg, run_dir, texts)
     ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
     check_batch(cfg, mesh)
@@ -86,13 +95,8 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     same_start = not pc.reference_path  # `params` hold the starting weights until a resume restores the state
 
     def load_reference() -> tuple[Any, Any]:
-        if same_start:  # the policy's starting weights are the reference
-            return graphdef, params
-        say(f"loading the reference from {ref_loc[0]}")
-        ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype,
-                              param_dtype=cfg.model.param_dtype, mesh=mesh, scan_layers=cfg.model.scan_layers,
-                              attention=cfg.model.attention)
-        return nnx.split(ref)
+        # the policy's starting weights are the reference unless another one is named
+        return (graphdef, params) if same_start else _load_reference(cfg, ref_loc, mesh)
 
     ref_logps, ref_params, cache_key = None, None, None
     if pc.loss_type in REFERENCE_FREE:
@@ -152,30 +156,20 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
 
 def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Path, bool]:
     """`safer-jax ref-logps`: fill the cache for a prefopt config without training."""
-    _validate(cfg)
-    pc = cfg.preference
-    run_dir = Path(cfg.run_dir)
-    rules = load_rules(cfg.data.rules)
-    pairs = load_preference_data(_pairs_path(cfg.data.train), rules, span=pc.span,
-                                 skip_invalid=cfg.data.skip_invalid, seed=cfg.data.seed)
-    texts = [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    ref_loc = reference_location(cfg, run_dir)
     from safer_jax.sharding import make_mesh
     from safer_jax.training.run import load_tokenizer
 
-    resolve_model_path(cfg.model, run_dir, texts)  # builds a tiny model if asked
+    _validate(cfg)
+    pc = cfg.preference
+    run_dir = Path(cfg.run_dir)
+    pairs, texts = _pairs_and_texts(cfg)
+    resolve_model_path(cfg.model, run_dir, texts)  # a `tiny` model is built from the pairs' texts, first
+    ref_loc = reference_location(cfg, run_dir)
     tok = load_tokenizer(cfg.data.tokenizer or ref_loc[0], None if cfg.data.tokenizer else ref_loc[1], run_dir)
     ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
     mesh = make_mesh(cfg.mesh)
     cache = RefLogpCache(pc.cache_dir)
-
-    def load_reference() -> tuple[Any, Any]:
-        ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype,
-                              param_dtype=cfg.model.param_dtype, mesh=mesh, scan_layers=cfg.model.scan_layers,
-                              attention=cfg.model.attention)
-        return nnx.split(ref)
-
     logps, key, hit = ensure_ref_logps(cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha,
-                                       reference=ref_loc, load_reference=load_reference,
+                                       reference=ref_loc, load_reference=lambda: _load_reference(cfg, ref_loc, mesh),
                                        batch_size=cfg.data.batch_size, mesh=mesh, chunk=cfg.train.loss_chunk, log=say)
     return logps, cache.path(key), hit

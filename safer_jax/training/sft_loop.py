@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from safer_jax.config import SFTConfig
-from safer_jax.data import bundled
+from safer_jax.data import train_file
 from safer_jax.data.pipeline import PipelineConfig, load_traces, sft_dataset
 from safer_jax.data.records import SkipReport
 from safer_jax.data.rules import load_rules
@@ -26,9 +26,6 @@ from safer_jax.training.sft import compile_step, init_state, sft_loss, sft_step
 
 
 
-def _traces_path(name: str) -> Path:
-    return bundled("train_traces.jsonl") if name in ("", "bundled") else Path(name)
-
 
 def setup(cfg: SFTConfig) -> dict[str, Any]:
     """Everything a run needs before its first step (shared by `train_sft` and tests)."""
@@ -38,7 +35,7 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     write_run_files(run_dir, cfg)
     rules = load_rules(cfg.data.rules)
     report = SkipReport()
-    traces = load_traces(_traces_path(cfg.data.train), rules, skip_invalid=cfg.data.skip_invalid, report=report)
+    traces = load_traces(train_file(cfg.data.train), rules, skip_invalid=cfg.data.skip_invalid, report=report)
     if report.total:
         say(report.summary())
     texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
