@@ -156,7 +156,7 @@ def _rules(path: str | None):
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from safer_jax.data.records import SkipReport
-    from safer_jax.data.synthesis import LocalTeacher, OpenAITeacher, TemplateTeacher, load_prompts, synthesize
+    from safer_jax.data.synthesis import OpenAITeacher, TemplateTeacher, load_prompts, synthesize
 
     rules = _rules(args.rules)
     report = SkipReport()
@@ -173,6 +173,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ValueError("--teacher local needs --model (a model folder)")
+        from safer_jax.teacher_local import LocalTeacher
+
         teacher = LocalTeacher(rules, args.model, gguf_file=args.gguf_file)
     res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency)
     print(f"wrote {res.written} traces, {res.rejected} rejects; {res.skipped_done} already done")

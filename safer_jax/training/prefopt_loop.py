@@ -32,7 +32,8 @@ from safer_jax.models import from_pretrained
 from safer_jax.training.loop import LoopSpec, run_loop, say
 from safer_jax.training.optimizer import make_optimizer
 from safer_jax.training.preference import preference_step
-from safer_jax.training.ref_cache import RefLogpCache, ensure_ref_logps
+from safer_jax.training.ref_cache import (RefLogpCache, check_resumed_reference, compute_settings, ensure_ref_logps,
+                                          reference_fingerprints)
 from safer_jax.training.run import check_batch, load_model_and_tokenizer, resolve_model_path, write_run_files
 from safer_jax.training.sft import compile_step, init_state
 
@@ -68,6 +69,15 @@ def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tu
     return pairs, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
 
+def _compute_settings(cfg: PrefOptConfig, keys_only: bool = False) -> dict[str, Any]:
+    """The reference-forward settings that enter the cache key (`ref_cache.compute_settings`);
+    with `keys_only`, as keyword arguments of `ensure_ref_logps`."""
+    pc = cfg.preference
+    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention=cfg.model.attention, span=pc.span,
+              ld_reference=pc.ld_reference)
+    return kw if keys_only else compute_settings(ld_alpha=pc.ld_alpha, **kw)
+
+
 def _load_reference(cfg: PrefOptConfig, ref_loc: tuple[str, str | None], mesh: Any) -> tuple[Any, Any]:
     """(graphdef, params) of the reference, loaded like the policy onto `mesh`."""
     say(f"loading the reference from {ref_loc[0]}")
@@ -101,13 +111,19 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     ref_logps, ref_params, cache_key = None, None, None
     if pc.loss_type in REFERENCE_FREE:
         say(f"{pc.loss_type}: reference-free, no reference log-probs")
-    elif pc.reference == "cache":
-        ref_logps, cache_key, hit = ensure_ref_logps(
-            RefLogpCache(pc.cache_dir), pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=ref_loc,
-            load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=mesh, chunk=tc.loss_chunk, log=say)
     else:
-        _, ref_params = load_reference()
-        ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
+        cache = RefLogpCache(pc.cache_dir)
+        keyed = reference_fingerprints(pairs, ct, seq_len=cfg.data.seq_len, reference=ref_loc,
+                                       settings=_compute_settings(cfg), memo_file=cache.memo_file)
+        check_resumed_reference(run_dir, *keyed, log=say)  # a resumed run must keep the reference it started with
+        if pc.reference == "cache":
+            ref_logps, cache_key, hit = ensure_ref_logps(
+                cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=ref_loc,
+                load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=mesh, chunk=tc.loss_chunk,
+                log=say, ld_reference=pc.ld_reference, keyed=keyed)
+        else:
+            _, ref_params = load_reference()
+            ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
     n_proc = jax.process_count()
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           process_index=jax.process_index(), process_count=n_proc)
@@ -128,7 +144,7 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     ref_params = env.pop("ref_params")
     static = dict(graphdef=env["graphdef"], tx=env["tx"], loss_type=pc.loss_type, hparams=pc.hparams(),
                   chunk=tc.loss_chunk, ld_alpha=pc.ld_alpha, accum=tc.grad_accum, blocks=jax.process_count(),
-                  skip_nonfinite=tc.on_nan == "skip")
+                  skip_nonfinite=tc.on_nan == "skip", ld_reference=pc.ld_reference)
     extra = (ref_params,) if ref_params is not None else ()
 
     def compile_fn(state: Any, batch: dict[str, jax.Array]) -> Any:
@@ -171,5 +187,6 @@ def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Path, bool]:
     cache = RefLogpCache(pc.cache_dir)
     logps, key, hit = ensure_ref_logps(cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha,
                                        reference=ref_loc, load_reference=lambda: _load_reference(cfg, ref_loc, mesh),
-                                       batch_size=cfg.data.batch_size, mesh=mesh, chunk=cfg.train.loss_chunk, log=say)
+                                       batch_size=cfg.data.batch_size, mesh=mesh, chunk=cfg.train.loss_chunk, log=say,
+                                       **_compute_settings(cfg, keys_only=True))
     return logps, cache.path(key), hit
