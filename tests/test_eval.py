@@ -458,7 +458,7 @@ SENTENCE_PAIRS = [
     ("The mitochondria is the powerhouse of the cell", "Mitochondria produce most of the cell's energy."),
     ("I don't know.", "Leonardo da Vinci painted it in the early 1500s."),
     ("Call 988 or emergency services if she is in danger.", "Stay with her and call 988 if she is in danger."),
-    ("Photosynthesis turns light, water and CO2 into sugar and oxygen.", "Plants use light to make glucose and oxygen."),
+    ("Photosynthesis turns light, water and CO2 into sugar and oxygen.", "Plants make glucose and oxygen."),
     ("The the the the", "the"),
     ("Mount Everest is the tallest mountain, at 8,849 m.", "Mount Everest, at about 8,849 meters above sea level."),
     ("TCP is reliable; UDP is fast.", "TCP guarantees delivery and order; UDP is connectionless and faster."),

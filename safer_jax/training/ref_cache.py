@@ -125,10 +125,8 @@ def template_settings(ct: ChatTokenizer) -> dict[str, Any]:
     return out
 
 
-def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int, ld_alpha: float | None = None) -> str:
-    """Digest of the tokenizer, its chat template and arguments, and the sequence length.
-    (`ld_alpha` is accepted for old callers and ignored: it is part of `compute_fingerprint`.)"""
-    del ld_alpha
+def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int) -> str:
+    """Digest of the tokenizer, its chat template and arguments, and the sequence length."""
     tok = ct.tok
     backend = getattr(tok, "backend_tokenizer", None)
     serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
