@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from safer_jax.models.embedded import smollm2_location
+from safer_jax.paths import as_path
 
 
 def _load_tokenizer(path: str, gguf_file: str | None):
@@ -128,9 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.time()
     results = generate_chat(model, tok, rows, _sampling(args), batch_size=args.batch_size,
                             system_prompt=args.system_prompt)
-    out = Path(args.out)
+    out = as_path(args.out)  # a file path or a bucket URL
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for row, res in zip(rows, results):
             f.write(json.dumps({**row, **res}, ensure_ascii=False) + "\n")
     n = sum(r["completion_tokens"] for r in results)
@@ -192,9 +192,9 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     report = SkipReport()
     traces = load_traces(args.traces, rules, skip_invalid=args.skip_invalid, report=report)
     pairs = make_pairs(traces, rules, seed=args.seed, span=args.span)
-    out = Path(args.out)
+    out = as_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
     kinds: dict[str, int] = {}

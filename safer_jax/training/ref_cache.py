@@ -12,16 +12,19 @@ is a digest of three fingerprints; any change to one of them selects another ent
   (digests memoized by path, size and mtime, so a second run does not re-read them).
 
 An entry is a folder `<cache_dir>/<key>/` with `ref_logps.npy` (`[N, 2]` float32: chosen,
-rejected, in pair order) and `meta.json` (the fingerprints, for inspection); it is written
-to a temporary folder and renamed, so a killed run never leaves a half entry.
+rejected, in pair order) and `meta.json` (the fingerprints, for inspection). The cache
+folder may be a bucket URL (`etils.epath`); the reference's own files are local (a bucket
+reference is read from its local copy). `ref_logps.npy` is written under a temporary name
+and renamed last, so a killed run never leaves a half entry (object stores have no folder
+rename, but one object appears whole).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +32,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from safer_jax.data.pairs import StepPair
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.paths import as_path
 from safer_jax.sharding import shard_batch
 from safer_jax.training.preference import pair_span_logps
 
@@ -42,16 +47,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
 REFERENCE_FORWARDS = {"batches": 0}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> epath.Path:
     root = os.environ.get("SAFER_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safer-jax")
-    return Path(root) / "ref_logps"
+    return as_path(root) / "ref_logps"
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_digest(path: Path, memo_file: Path | None = None) -> str:
+def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
     """sha256 of a file's bytes, memoized by (path, size, mtime) in `memo_file`."""
     st = path.stat()
     stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -77,7 +82,8 @@ def file_digest(path: Path, memo_file: Path | None = None) -> str:
     return digest
 
 
-def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: Path | None = None) -> str:
+def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None
+                          ) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
     folder = Path(folder)
     if gguf_file:
@@ -114,34 +120,34 @@ def cache_key(pairs_fp: str, tok_fp: str, ref_fp: str) -> str:
 class RefLogpCache:
     """A folder of entries keyed by `cache_key`."""
 
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else default_cache_dir()
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = as_path(root) if root else default_cache_dir()
 
     @property
-    def memo_file(self) -> Path:
+    def memo_file(self) -> epath.Path:
         return self.root / "file_digests.json"
 
-    def path(self, key: str) -> Path:
+    def path(self, key: str) -> epath.Path:
         return self.root / key
 
     def load(self, key: str, n_pairs: int) -> np.ndarray | None:
         f = self.path(key) / "ref_logps.npy"
         if not f.exists():
             return None
-        arr = np.load(f)
+        arr = np.load(io.BytesIO(f.read_bytes()))
         if arr.shape != (n_pairs, 2) or not np.isfinite(arr).all():
             return None  # not ours, or damaged: recompute
         return arr
 
-    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> Path:
+    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> epath.Path:
         final = self.path(key)
-        tmp = self.root / f".{key}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ref_logps.npy", logps.astype(np.float32))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "meta.json").write_text(json.dumps(meta, indent=2))
+        buf = io.BytesIO()
+        np.save(buf, logps.astype(np.float32))
+        tmp = final / f".ref_logps.tmp{os.getpid()}"
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(final / "ref_logps.npy")  # the entry exists once this file does
         return final
 
 
