@@ -74,6 +74,19 @@ def check_writable(path: PathLike, what: str = "run_dir") -> epath.Path:
     return path
 
 
+def write_atomic(path: PathLike, data: bytes) -> None:
+    """Write a whole file so readers see the old or the new content, never a part: locally a
+    temporary file then a rename; in a bucket one upload (an object appears whole, and a
+    rename there is a slow copy)."""
+    path = as_path(path)
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def copy_file(src: PathLike, dst: PathLike) -> None:
     """Stream one file between any two epath locations (local to bucket, bucket to local, ...)."""
     src, dst = as_path(src), as_path(dst)

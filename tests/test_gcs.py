@@ -140,7 +140,7 @@ def test_a_rerun_resumes_from_the_bucket_with_the_losses_of_an_uninterrupted_run
         if step == 2:  # after the step-2 checkpoint was issued: the machine dies
             raise _Crash
 
-    args = sft("run")
+    args = sft("run", f"model.path=gs://{BUCKET}/{sft_full}/tiny-model")  # the same tiny model, not built again
     with pytest.raises(_Crash):
         train_sft(load_config(SFTConfig, str(SFT_TINY), args[3:]), hooks=[crash])
     capsys.readouterr()
@@ -159,7 +159,7 @@ def test_prefopt_from_a_bucket_model_and_cache_reuses_both_on_a_rerun(gcs, sft_f
     from safer_jax.data.pairs import make_pairs
     from safer_jax.training import ref_cache
 
-    pairs = make_pairs(traces[:16], rules, seed=0)
+    pairs = make_pairs(traces[:8], rules, seed=0)
     epath.Path(f"gs://{BUCKET}/data/pairs.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
 
     def prefopt(run):

@@ -14,9 +14,9 @@ is a digest of three fingerprints; any change to one of them selects another ent
 An entry is a folder `<cache_dir>/<key>/` with `ref_logps.npy` (`[N, 2]` float32: chosen,
 rejected, in pair order) and `meta.json` (the fingerprints, for inspection). The cache
 folder may be a bucket URL (`etils.epath`); the reference's own files are local (a bucket
-reference is read from its local copy). `ref_logps.npy` is written under a temporary name
-and renamed last, so a killed run never leaves a half entry (object stores have no folder
-rename, but one object appears whole).
+reference is read from its local copy). `ref_logps.npy` is written last and whole (a
+temporary file renamed on a disk, one upload in a bucket), so a killed run never leaves a
+half entry.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from etils import epath
 from safer_jax.data.pairs import StepPair
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
-from safer_jax.paths import as_path
+from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
 from safer_jax.training.preference import pair_span_logps
 
@@ -76,9 +76,7 @@ def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
     if memo_file is not None:
         memo[stamp] = digest
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        write_atomic(memo_file, json.dumps(memo).encode())
     return digest
 
 
@@ -145,9 +143,7 @@ class RefLogpCache:
         (final / "meta.json").write_text(json.dumps(meta, indent=2))
         buf = io.BytesIO()
         np.save(buf, logps.astype(np.float32))
-        tmp = final / f".ref_logps.tmp{os.getpid()}"
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(final / "ref_logps.npy")  # the entry exists once this file does
+        write_atomic(final / "ref_logps.npy", buf.getvalue())  # the entry exists once this file does
         return final
 
 
