@@ -24,12 +24,13 @@ def _load_tokenizer(path: str, gguf_file: str | None):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from safer_jax.models import from_pretrained, save_pretrained
+    from safer_jax.models import from_pretrained
+    from safer_jax.training.export import save_hf
 
     t0 = time.time()
     model = from_pretrained(args.src, gguf_file=args.gguf_file, dtype=args.dtype)
     tok = _load_tokenizer(args.src, args.gguf_file)
-    out = save_pretrained(model, args.to, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    out = save_hf(model, args.to, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {out} ({model.config.model_type}, {model.config.num_params() / 1e6:.1f}M params, "
           f"{time.time() - t0:.1f}s)")
     return 0

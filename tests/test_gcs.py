@@ -105,6 +105,14 @@ def sft_full(gcs):
     return "full"
 
 
+def test_an_unwritable_local_run_dir_fails_before_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = tmp_path / "a-file" / "run"
+    assert main(["sft", "--config", str(SFT_TINY), f"run_dir={bad}", *SFT_ARGS]) == 2
+    out, err = capsys.readouterr()
+    assert f"run_dir={bad}: cannot write there" in err and "setup" not in out + err
+
+
 def test_a_missing_bucket_fails_before_step_one(gcs, capsys):
     t0 = time.time()
     assert main(sft("run", "run_dir=gs://no-such-bucket-here/run")) == 2

@@ -23,15 +23,15 @@ from safer_jax.training.sft import TrainState
 
 
 def save_hf(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
-            dtype: str | None = None) -> str:
-    """`models.save_pretrained` to a local folder or a bucket URL; returns where it wrote."""
+            dtype: str | None = None, **kwargs: Any) -> str:
+    """`models.save_pretrained` (same keywords) to a local folder or a bucket URL; returns where it wrote."""
     out = as_path(out_dir)
     if not is_remote(out):
-        return str(save_pretrained(model, out, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype))
+        return str(save_pretrained(model, out, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype, **kwargs))
     if not overwrite and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace its model files")
     with tempfile.TemporaryDirectory(prefix="safer-jax-export-") as local:  # every process gathers, one writes
-        save_pretrained(model, local, tokenizer=tokenizer, overwrite=True, dtype=dtype)
+        save_pretrained(model, local, tokenizer=tokenizer, overwrite=True, dtype=dtype, **kwargs)
         if jax.process_index() == 0:
             upload_dir(local, out, clear=True)
     return str(out)
