@@ -13,6 +13,7 @@ from typing import Any
 
 from safer_jax.evaluation.aggregate import AVERAGES, RATES
 from safer_jax.evaluation.result import QUOTE_WORDS, EvalResult, truncate_words
+from safer_jax.paths import as_path
 
 NAMES = {
     "harmful_compliance": "Harmful compliance ↓", "over_refusal": "Over-refusal ↓",
@@ -160,7 +161,7 @@ def write_report(out_dir: str | Path, result: EvalResult, baseline: EvalResult |
     """results.json, report.md and PNG plots in `out_dir`; returns {name: path}."""
     from safer_jax.evaluation.plots import write_plots
 
-    out = Path(out_dir)
+    out = as_path(out_dir)  # a folder or a bucket URL
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"results": out / "results.json"}
     doc = result.to_json()

@@ -22,17 +22,20 @@ run (its folder holds a checkpoint) whose key differs stops with an error naming
 that changed (`check_resumed_reference`), for the frozen-copy reference as for the cache.
 
 An entry is a folder `<cache_dir>/<key>/` with `ref_logps.npy` (`[N, 2]` float32: chosen,
-rejected, in pair order) and `meta.json` (the fingerprints, for inspection); it is written
-to a temporary folder and renamed, so a killed run never leaves a half entry.
+rejected, in pair order) and `meta.json` (the fingerprints, for inspection). The cache
+folder may be a bucket URL (`etils.epath`); the reference's own files are local (a bucket
+reference is read from its local copy). `ref_logps.npy` is written last and whole (a
+temporary file renamed on a disk, one upload in a bucket), so a killed run never leaves a
+half entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +43,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from safer_jax.data.pairs import StepPair
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
 from safer_jax.training.preference import pair_span_logps
 
@@ -55,16 +60,16 @@ RUN_RECORD = "reference.json"
 REFERENCE_FORWARDS = {"batches": 0}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> epath.Path:
     root = os.environ.get("SAFER_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safer-jax")
-    return Path(root) / "ref_logps"
+    return as_path(root) / "ref_logps"
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_digest(path: Path, memo_file: Path | None = None) -> str:
+def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
     """sha256 of a file's bytes, memoized by (path, size, mtime) in `memo_file`."""
     st = path.stat()
     stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -84,13 +89,12 @@ def file_digest(path: Path, memo_file: Path | None = None) -> str:
     if memo_file is not None:
         memo[stamp] = digest
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        write_atomic(memo_file, json.dumps(memo).encode())
     return digest
 
 
-def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: Path | None = None) -> str:
+def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None
+                          ) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
     folder = Path(folder)
     if gguf_file:
@@ -168,17 +172,17 @@ class ReferenceChanged(RuntimeError):
     """A resumed preference run would train against another reference than the one it started with."""
 
 
-def has_checkpoint(run_dir: str | Path) -> bool:
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     """Whether `run_dir/checkpoints` holds a complete step (orbax renames a step's folder to its
     number only once it is complete)."""
-    d = Path(run_dir) / "checkpoints"
+    d = as_path(run_dir) / "checkpoints"
     return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
 
 
-def check_resumed_reference(run_dir: str | Path, key: str, parts: dict[str, Any], log: Any = print) -> None:
+def check_resumed_reference(run_dir: str | os.PathLike, key: str, parts: dict[str, Any], log: Any = print) -> None:
     """Record the reference key in `run_dir/reference.json`; on a resumed run, first check it is
     unchanged, and raise `ReferenceChanged` naming what differs if not."""
-    f = Path(run_dir) / RUN_RECORD
+    f = as_path(run_dir) / RUN_RECORD
     record = {"key": key, **parts}
     if has_checkpoint(run_dir) and f.exists():
         try:
@@ -192,47 +196,44 @@ def check_resumed_reference(run_dir: str | Path, key: str, parts: dict[str, Any]
             diffs = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
                      if was.get(k) != now.get(k)]
             raise ReferenceChanged(
-                f"{Path(run_dir)} resumes a preference run whose reference changed: {', '.join(changed) or 'key'} "
+                f"{run_dir} resumes a preference run whose reference changed: {', '.join(changed) or 'key'} "
                 f"differ from {f}" + (f" ({'; '.join(diffs)})" if diffs else "")
                 + ". Resume with the original reference, pairs, tokenizer and settings, or start a new run folder.")
         return
     if jax.process_index() == 0:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(record, indent=2))
+        write_atomic(f, json.dumps(record, indent=2).encode())
     log(f"reference fingerprint {key} recorded in {f}")
 
 
 class RefLogpCache:
     """A folder of entries keyed by `cache_key`."""
 
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else default_cache_dir()
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = as_path(root) if root else default_cache_dir()
 
     @property
-    def memo_file(self) -> Path:
+    def memo_file(self) -> epath.Path:
         return self.root / "file_digests.json"
 
-    def path(self, key: str) -> Path:
+    def path(self, key: str) -> epath.Path:
         return self.root / key
 
     def load(self, key: str, n_pairs: int) -> np.ndarray | None:
         f = self.path(key) / "ref_logps.npy"
         if not f.exists():
             return None
-        arr = np.load(f)
+        arr = np.load(io.BytesIO(f.read_bytes()))
         if arr.shape != (n_pairs, 2) or not np.isfinite(arr).all():
             return None  # not ours, or damaged: recompute
         return arr
 
-    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> Path:
+    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> epath.Path:
         final = self.path(key)
-        tmp = self.root / f".{key}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ref_logps.npy", logps.astype(np.float32))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "meta.json").write_text(json.dumps(meta, indent=2))
+        buf = io.BytesIO()
+        np.save(buf, logps.astype(np.float32))
+        write_atomic(final / "ref_logps.npy", buf.getvalue())  # the entry exists once this file does
         return final
 
 
