@@ -103,3 +103,17 @@ def tiny(traces, tmp_path_factory):
     texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
     build_tiny_model(d, texts, num_layers=2)
     return d, ChatTokenizer(AutoTokenizer.from_pretrained(d))
+
+
+def trace_texts(traces) -> list[str]:
+    return [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
+
+
+@pytest.fixture(scope="session")
+def family_models(traces, tmp_path_factory):
+    """{family name: folder} of a tiny model per chat family (Llama 3.1, Llama 3.2, Mistral v0.3,
+    Qwen2.5, Qwen3), each with its special tokens and template, built once per session."""
+    from chat_families import FAMILIES, build_family_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family_model(fam, root / name, trace_texts(traces)) for name, fam in FAMILIES.items()}

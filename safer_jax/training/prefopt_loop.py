@@ -22,7 +22,7 @@ from flax import nnx
 
 from safer_jax.config import ModelConfig, PrefOptConfig
 from safer_jax.data import train_file
-from safer_jax.data.pipeline import PipelineConfig, load_preference_data, preference_dataset
+from safer_jax.data.pipeline import PipelineConfig, drop_unfit_pairs, load_preference_data, preference_dataset
 from safer_jax.data.records import SkipReport
 from safer_jax.data.rules import load_rules
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
@@ -64,7 +64,8 @@ def reference_location(cfg: PrefOptConfig, run_dir: Path) -> tuple[str, str | No
 def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tuple[list[Any], list[str]]:
     """The run's pairs, and their texts (a `tiny` model's tokenizer is trained on them)."""
     pairs = load_preference_data(train_file(cfg.data.train), load_rules(cfg.data.rules), span=cfg.preference.span,
-                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed)
+                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed,
+                                 fmt=cfg.data.trace_format)
     return pairs, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
 
@@ -88,7 +89,8 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
         say(report.summary())
     say(f"{len(pairs)} preference pairs from {train_file(cfg.data.train)}")
     mesh, model, tok, _ = load_model_and_tokenizer(cfg, run_dir, texts)
-    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
+    ct = ChatTokenizer.from_config(tok, cfg.data)
+    pairs = drop_unfit_pairs(pairs, ct, cfg.data.seq_len, log=say)
     check_batch(cfg, mesh)
     graphdef, params = nnx.split(model)
     ref_loc = reference_location(cfg, run_dir)
@@ -166,7 +168,8 @@ def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Path, bool]:
     resolve_model_path(cfg.model, run_dir, texts)  # a `tiny` model is built from the pairs' texts, first
     ref_loc = reference_location(cfg, run_dir)
     tok = load_tokenizer(cfg.data.tokenizer or ref_loc[0], None if cfg.data.tokenizer else ref_loc[1], run_dir)
-    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
+    ct = ChatTokenizer.from_config(tok, cfg.data)
+    pairs = drop_unfit_pairs(pairs, ct, cfg.data.seq_len, log=say)
     mesh = make_mesh(cfg.mesh)
     cache = RefLogpCache(pc.cache_dir)
     logps, key, hit = ensure_ref_logps(cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha,

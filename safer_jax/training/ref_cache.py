@@ -6,8 +6,9 @@ second model and running its forward every step (2N FLOPs per token saved). The 
 is a digest of three fingerprints; any change to one of them selects another entry:
 
 - the pairs: every field of every pair, in order (the JSON of the loaded records);
-- tokenization: the tokenizer's full serialization and chat template, the system prompt,
-  the sequence length, and the span weighting (`ld_alpha`);
+- tokenization: the tokenizer's full serialization and chat template, the template's
+  arguments (`data.chat_template_kwargs`), the trace format, the system prompt, the
+  sequence length, and the span weighting (`ld_alpha`);
 - the reference weights: the bytes of every weight and config file of the reference
   (digests memoized by path, size and mtime, so a second run does not re-read them).
 
@@ -18,6 +19,7 @@ to a temporary folder and renamed, so a killed run never leaves a half entry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -79,7 +81,9 @@ def file_digest(path: Path, memo_file: Path | None = None) -> str:
 
 def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: Path | None = None) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
-    folder = Path(folder)
+    from safer_jax.hub import resolve_path
+
+    folder = resolve_path(folder, gguf_file)  # a hub id: its local snapshot
     if gguf_file:
         files = [folder / gguf_file]
     else:
@@ -103,7 +107,8 @@ def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int, ld_alpha: float) -
     backend = getattr(tok, "backend_tokenizer", None)
     serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
     settings = {"chat_template": tok.chat_template, "system_prompt": ct.system_prompt, "seq_len": seq_len,
-                "ld_alpha": ld_alpha, "special": tok.all_special_tokens}
+                "ld_alpha": ld_alpha, "special": tok.all_special_tokens, "template_kwargs": ct.template_kwargs,
+                "trace_format": dataclasses.asdict(ct.fmt)}
     return _sha(serial.encode() + json.dumps(settings, sort_keys=True, default=str).encode())
 
 

@@ -66,19 +66,19 @@ def resolve_model_path(mc: ModelConfig, run_dir: Path, texts: Any = ()) -> tuple
         return str(folder), gguf
     if not mc.path:
         raise ValueError("model.path is empty: give a HF folder, a hub id, 'smollm2' or 'tiny'")
-    return mc.path, mc.gguf_file
+    from safer_jax.hub import resolve_path
+
+    return str(resolve_path(mc.path, mc.gguf_file)), mc.gguf_file  # a hub id: resolved once, here
 
 
 def load_tokenizer(path: str, gguf_file: str | None, run_dir: Path) -> Any:
     """The tokenizer, saved once into the run folder (export and resume read it from there)."""
-    from transformers import AutoTokenizer
+    from safer_jax.data.tokenize import load_tokenizer as load
 
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(saved))
-    from safer_jax.models.hf_io import resolve_path
-
-    tok = AutoTokenizer.from_pretrained(str(resolve_path(path, gguf_file)), gguf_file=gguf_file)
+        return load(str(saved))
+    tok = load(path, gguf_file)
     if jax.process_index() == 0:
         tok.save_pretrained(str(saved))
     return tok
