@@ -7,13 +7,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit
 import importlib.util
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# XLA's persistent compilation cache, fresh per session: programs that repeat within the run
+# (the same tiny architecture under several chat templates, a CLI command run twice) compile once
+_XLA_CACHE = tempfile.mkdtemp(prefix="safer-jax-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,9 +39,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, specials: Seque
 def build_tiny_model(out_dir: str | Path, texts: Iterable[str], family: str = "llama", vocab_size: int = 2048,
                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                      intermediate_size: int = 128, seed: int = 0, tokenizer: Any = None,
-                     eos_token_ids: Sequence[int] = (), generation_config: dict[str, Any] | None = None) -> Path:
+                     eos_token_ids: Sequence[int] = (), generation_config: dict[str, Any] | None = None,
+                     pad_vocab_to: int = 0) -> Path:
     """Write a random `family` decoder and its tokenizer (default: a ChatML one trained on `texts`)
-    to `out_dir` (a HF folder); `eos_token_ids` default to the tokenizer's EOS."""
+    to `out_dir` (a HF folder); `eos_token_ids` default to the tokenizer's EOS. `pad_vocab_to`
+    gives the embedding more rows than the tokenizer has ids (as real models round their vocabularies)."""
     from flax import nnx
 
     from safer_jax.models.config import FAMILIES, DecoderConfig
@@ -52,7 +54,7 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], family: str = "l
         raise ValueError(f"family {family!r} unknown; choose from {sorted(FAMILIES)}")
     tok = tokenizer if tokenizer is not None else build_tokenizer(texts, vocab_size)
     cfg = DecoderConfig(
-        model_type=family, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        model_type=family, vocab_size=max(len(tok), pad_vocab_to), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
         max_position_embeddings=4096, tie_word_embeddings=True, qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3", bos_token_id=tok.bos_token_id, eos_token_id=tuple(eos_token_ids) or (tok.eos_token_id,),

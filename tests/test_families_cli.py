@@ -1,0 +1,190 @@
+"""The whole CLI on every chat family's template, every shipped config for one step on a tiny
+model of its family, hub ids from a local HF cache, and preference truncation that keeps spans.
+
+The CLI runs in-process (`safer_jax.cli.main`): one JAX start-up for all of it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chat_families import FAMILIES
+from safer_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_TINY = ROOT / "configs" / "sft" / "tiny.yaml"
+PREF_TINY = ROOT / "configs" / "prefopt" / "tiny.yaml"
+QUIET = ["train.tensorboard=false", "train.checkpoint_every=1000", "train.log_every=1", "train.export_final=false"]
+# the Llama 3.2 template renders today's date unless told otherwise: fixed, so ids do not drift
+KWARGS = {"llama3.2": ["data.chat_template_kwargs.date_string=26 Jul 2024"]}
+
+
+@pytest.fixture(scope="module")
+def small_traces(traces, tmp_path_factory):
+    """Ten bundled traces (harmful and benign) as a traces file: pairs, caches and evals stay small."""
+    f = tmp_path_factory.mktemp("data") / "traces.jsonl"
+    picked = [t for t in traces if t.label == "harmful"][:5] + [t for t in traces if t.label != "harmful"][:5]
+    f.write_text("".join(json.dumps(t.to_json()) + "\n" for t in picked))
+    return f
+
+
+def _prompts(tmp: Path) -> Path:
+    f = tmp / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "prompt": q} for i, q in enumerate(
+        ["What is a notary?", "How do plants grow?", "Tell me a joke.", "How do I pick a lock?"])]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_whole_cli_runs_on_every_template(name, family_models, small_traces, tmp_path, capsys):
+    model = str(family_models[name])
+    common = [f"model.path={model}", "data.seq_len=320", "data.batch_size=8", *QUIET, *KWARGS.get(name, [])]
+    cache = tmp_path / "cache"
+    assert main(["sft", "--config", str(SFT_TINY), f"run_dir={tmp_path / 'sft'}", f"data.train={small_traces}",
+                 "train.steps=2", *common]) == 0
+    saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())["data"]
+    assert saved["trace_format"]["open_tag"] == "<think>"  # recorded in the run folder, with the template kwargs
+    assert saved["chat_template_kwargs"] == ({"date_string": "26 Jul 2024"} if name in KWARGS else {})
+    for span in ("step", "to_end"):
+        pairs = tmp_path / f"pairs-{span}.jsonl"
+        assert main(["make-pairs", "--traces", str(small_traces), "--out", str(pairs), "--span", span]) == 0
+        args = [f"run_dir={tmp_path / ('pref-' + span)}", f"data.train={pairs}", "train.steps=2",
+                f"preference.cache_dir={cache}", *common]
+        if span == "step":
+            assert main(["ref-logps", "--config", str(PREF_TINY), *args]) == 0
+        assert main(["prefopt", "--config", str(PREF_TINY), *args]) == 0
+    eot = FAMILIES[name].end_of_turn
+    eot_id = json.loads((family_models[name] / "tokenizer.json").read_text())
+    eot_id = next(t["id"] for t in eot_id["added_tokens"] if t["content"] == eot)
+    steer = ["--max-new-tokens", "6", "--logit-bias", f"{eot_id}=1000"]  # the family's end token, always
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", model, "--prompts", str(_prompts(tmp_path)), "--out", str(out), *steer]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["finish_reason"], r["completion_tokens"]) for r in rows] == [("stop", 1)] * 4
+    assert main(["eval", "--model", model, "--sets", "bundled", "--limit", "4", "--out", str(tmp_path / "eval"),
+                 "--quiet", "--batch-size", "4", *steer]) == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(res["rows"]) == 4 and {r["finish_reason"] for r in res["rows"]} == {"stop"}
+    assert "finish reasons {'stop': 4}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- every shipped config
+
+
+def _family_of(cfg_path: Path) -> str:
+    model = yaml.safe_load(cfg_path.read_text())["model"]["path"]
+    if model.startswith("tiny"):
+        return "tiny"
+    if model == "smollm2":
+        return "chatml"  # SmolLM2: a Llama with a ChatML template, like the session's `tiny` model
+    for prefix, fam in (("meta-llama/Llama-3.1", "llama3.1"), ("meta-llama/Llama-3.2", "llama3.2"),
+                        ("Qwen/Qwen2.5", "qwen2.5"), ("Qwen/Qwen3", "qwen3"), ("mistralai/", "mistral")):
+        if model.startswith(prefix):
+            return fam
+    raise AssertionError(f"{cfg_path}: no tiny stand-in for model.path={model}")
+
+
+def _mesh_for_8(mesh: dict) -> list[str]:
+    """The config's fsdp and tensor sizes where they divide 8 devices, data taking the rest."""
+    fsdp = mesh.get("fsdp", -1)
+    tensor = mesh.get("tensor", 1)
+    fsdp = fsdp if fsdp > 0 and 8 % (fsdp * tensor) == 0 else 8 // tensor
+    return [f"mesh.data={8 // (fsdp * tensor)}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
+
+
+SHIPPED = sorted((ROOT / "configs" / "sft").glob("*.yaml")) + sorted((ROOT / "configs" / "prefopt").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("cfg_path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_runs_one_step(cfg_path, family_models, tiny, small_traces, tmp_path):
+    raw = yaml.safe_load(cfg_path.read_text())
+    fam = _family_of(cfg_path)
+    model = {"tiny": raw["model"]["path"], "chatml": str(tiny[0])}.get(fam) or str(family_models[fam])
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={model}", "model.attention=xla", "train.steps=1",
+            f"data.train={small_traces}", f"data.seq_len={min(raw['data']['seq_len'], 320)}",
+            f"data.batch_size={min(raw['data']['batch_size'], 8)}", *_mesh_for_8(raw.get("mesh", {})), *QUIET]
+    command = cfg_path.parent.name
+    if command == "prefopt":
+        over.append(f"preference.cache_dir={tmp_path / 'cache'}")
+    assert main([command, "--config", str(cfg_path), *over]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1]
+
+
+# ---------------------------------------------------------------------------- hub ids
+
+
+def _hub_snapshot(cache: Path, repo: str, folder: Path) -> None:
+    """A local HF cache entry for `repo` holding `folder`'s files, as huggingface_hub writes one."""
+    commit = "0" * 39 + "1"
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_resolve_from_the_local_cache_for_model_and_reference(family_models, small_traces, tmp_path,
+                                                                       monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    _hub_snapshot(hub, "safer-test/tiny-llama3.1", family_models["llama3.1"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at import time
+    repo = "safer-test/tiny-llama3.1"
+    args = ["--config", str(PREF_TINY), f"run_dir={tmp_path / 'run'}", f"model.path={repo}",
+            f"preference.reference_path={repo}", "preference.reference=cache", f"preference.cache_dir={tmp_path / 'c'}",
+            f"data.train={small_traces}", "data.seq_len=320", "train.steps=1", *QUIET]
+    assert main(["prefopt", *args]) == 0
+    assert main(["ref-logps", *args]) == 0  # the same key: reused
+    assert "reused reference log-probs" in capsys.readouterr().out
+    assert main(["ref-logps", *args, "data.chat_template_kwargs.date_string=01 Jan 2025"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote reference log-probs" in out  # another template argument: another key
+    assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 2
+
+
+# ---------------------------------------------------------------------------- truncation keeps the span
+
+
+def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_step_1(family_models, tmp_path,
+                                                                                    capsys):
+    from safer_jax.data.pairs import StepPair, encode_pair, fit_pair
+    from safer_jax.data.pipeline import PipelineConfig, preference_dataset
+    from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
+
+    ct = ChatTokenizer(load_tokenizer(str(family_models["qwen2.5"])))
+    long_prompt = " ".join(["Tell me about the history of bridges and tunnels."] * 30)
+    fits = StepPair("fits", long_prompt, ("## Initial Assessment\nA history question.\n",), 2,
+                    "## Rule Verification\nR21: applies.\n", "## Rule Verification\nR07: violated, it is prohibited.\n",
+                    False, False)
+    too_long = StepPair("too-long", "Hi", (), 4, " ".join(["word"] * 400), "No.", True, True)
+    enc = encode_pair(ct, fits)
+    seq_len = 96
+    assert len(enc["rejected_ids"]) > seq_len  # the context must be cut
+    rows, dropped = fit_pair(enc, seq_len)
+    assert dropped == len(enc["rejected_ids"]) - seq_len
+    batch = next(iter(preference_dataset([fits], ct, PipelineConfig(seq_len=seq_len, batch_size=1, shuffle=False))))
+    for row, side in ((0, "chosen"), (1, "rejected")):
+        span = enc[f"{side}_ids"][enc[f"{side}_mask"] > 0]
+        n = int(batch["segment_ids"][row].sum())
+        got = batch["input_ids"][row, :n]
+        assert got[batch["span_mask"][row, :n] > 0].tolist() == span.tolist()  # the span, whole
+        assert got.tolist() == enc[f"{side}_ids"][dropped:].tolist()  # context dropped from the left
+    assert fit_pair(encode_pair(ct, too_long), seq_len) is None
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p.to_json()) + "\n" for p in [fits, too_long] * 4))
+    assert main(["prefopt", "--config", str(PREF_TINY), f"run_dir={tmp_path / 'run'}",
+                 f"model.path={family_models['qwen2.5']}", f"data.train={pairs}", f"data.seq_len={seq_len}",
+                 "data.batch_size=4", "train.steps=1", f"preference.cache_dir={tmp_path / 'c'}", *QUIET]) == 0
+    out = capsys.readouterr().out
+    skip = re.search(r"skipped 4/8 pairs whose scored span does not fit data\.seq_len=96", out)
+    step1 = out.find("step 1/1")
+    assert skip and step1 > skip.start()  # counted and printed before training starts
