@@ -15,6 +15,7 @@ import yaml
 
 from chat_families import FAMILIES
 from safer_jax.cli import main
+from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_TINY = ROOT / "configs" / "sft" / "tiny.yaml"
@@ -22,6 +23,7 @@ PREF_TINY = ROOT / "configs" / "prefopt" / "tiny.yaml"
 QUIET = ["train.tensorboard=false", "train.checkpoint_every=1000", "train.log_every=1", "train.export_final=false"]
 # the Llama 3.2 template renders today's date unless told otherwise: fixed, so ids do not drift
 KWARGS = {"llama3.2": ["data.chat_template_kwargs.date_string=26 Jul 2024"]}
+PREFIX = ["<think>\n## Initial Assessment\nA request about locks.\n", "## Rule Verification\n"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def _prompts(tmp: Path) -> Path:
     f = tmp / "prompts.jsonl"
     rows = [{"id": f"p{i}", "prompt": q} for i, q in enumerate(
         ["What is a notary?", "How do plants grow?", "Tell me a joke.", "How do I pick a lock?"])]
+    rows[3]["assistant_prefix"] = PREFIX  # sampling continues the steps already written
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
 
@@ -63,10 +66,15 @@ def test_whole_cli_runs_on_every_template(name, family_models, small_traces, tmp
     eot_id = json.loads((family_models[name] / "tokenizer.json").read_text())
     eot_id = next(t["id"] for t in eot_id["added_tokens"] if t["content"] == eot)
     steer = ["--max-new-tokens", "6", "--logit-bias", f"{eot_id}=1000"]  # the family's end token, always
+    kwargs = {"date_string": "26 Jul 2024"} if name in KWARGS else {}
     out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", model, "--prompts", str(_prompts(tmp_path)), "--out", str(out), *steer]) == 0
+    assert main(["generate", "--model", model, "--prompts", str(_prompts(tmp_path)), "--out", str(out), *steer,
+                 "--chat-template-kwargs", json.dumps(kwargs)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["finish_reason"], r["completion_tokens"]) for r in rows] == [("stop", 1)] * 4
+    ct = ChatTokenizer(load_tokenizer(model), template_kwargs=kwargs)
+    assert rows[3]["text"] == "".join(PREFIX)  # prefix + continuation (here only the end token)
+    assert rows[3]["prompt_tokens"] == len(ct.prompt_ids(ct.messages(rows[3]["prompt"]), PREFIX))
     assert main(["eval", "--model", model, "--sets", "bundled", "--limit", "4", "--out", str(tmp_path / "eval"),
                  "--quiet", "--batch-size", "4", *steer]) == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -157,16 +165,15 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
                                                                                     capsys):
     from safer_jax.data.pairs import StepPair, encode_pair, fit_pair
     from safer_jax.data.pipeline import PipelineConfig, preference_dataset
-    from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
 
     ct = ChatTokenizer(load_tokenizer(str(family_models["qwen2.5"])))
-    long_prompt = " ".join(["Tell me about the history of bridges and tunnels."] * 30)
+    long_prompt = " ".join(["Tell me about the history of bridges and tunnels."] * 40)
     fits = StepPair("fits", long_prompt, ("## Initial Assessment\nA history question.\n",), 2,
                     "## Rule Verification\nR21: applies.\n", "## Rule Verification\nR07: violated, it is prohibited.\n",
                     False, False)
     too_long = StepPair("too-long", "Hi", (), 4, " ".join(["word"] * 400), "No.", True, True)
     enc = encode_pair(ct, fits)
-    seq_len = 96
+    seq_len = 320  # with batch 8, the programs of the whole-CLI test: compiled already
     assert len(enc["rejected_ids"]) > seq_len  # the context must be cut
     rows, dropped = fit_pair(enc, seq_len)
     assert dropped == len(enc["rejected_ids"]) - seq_len
@@ -180,11 +187,19 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
     assert fit_pair(encode_pair(ct, too_long), seq_len) is None
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p.to_json()) + "\n" for p in [fits, too_long] * 4))
+    pairs.write_text("".join(json.dumps(p.to_json()) + "\n" for p in [fits, too_long] * 8))
     assert main(["prefopt", "--config", str(PREF_TINY), f"run_dir={tmp_path / 'run'}",
                  f"model.path={family_models['qwen2.5']}", f"data.train={pairs}", f"data.seq_len={seq_len}",
-                 "data.batch_size=4", "train.steps=1", f"preference.cache_dir={tmp_path / 'c'}", *QUIET]) == 0
+                 "data.batch_size=8", "train.steps=1", f"preference.cache_dir={tmp_path / 'c'}", *QUIET]) == 0
     out = capsys.readouterr().out
-    skip = re.search(r"skipped 4/8 pairs whose scored span does not fit data\.seq_len=96", out)
+    skip = re.search(r"skipped 8/16 pairs whose scored span does not fit data\.seq_len=320", out)
     step1 = out.find("step 1/1")
     assert skip and step1 > skip.start()  # counted and printed before training starts
+
+
+def test_a_trace_format_holding_an_end_of_turn_token_fails_naming_the_field(family_models, small_traces, tmp_path,
+                                                                          capsys):
+    assert main(["sft", "--config", str(SFT_TINY), f"run_dir={tmp_path / 'r'}", f"model.path={family_models['qwen3']}",
+                 f"data.train={small_traces}", "data.trace_format.close_tag=</think><|im_end|>", *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert "data.trace_format.close_tag" in err and "<|im_end|>" in err and "Traceback" not in err

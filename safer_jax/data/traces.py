@@ -14,7 +14,8 @@ Rendering (tags and headers configurable through `TraceFormat`):
     final response
 
 The text splits into four step segments (assessment, verification, calibration, response)
-whose concatenation is the whole text: SFT step ids and preference spans come from them.
+whose concatenation is the whole text: each is tokenized on its own (`data/tokenize.py`),
+and preference spans are made of them.
 `parse(render(t)) == t` for every valid trace.
 """
 
