@@ -31,7 +31,7 @@ def _run_config(run_dir: Path) -> SFTConfig:
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None, overwrite: bool = False,
                       dtype: str | None = None) -> Path:
     """Restore the parameters of checkpoint `step` (default latest) onto one device and write a HF folder."""
-    from transformers import AutoTokenizer
+    from safer_jax.data.tokenize import load_tokenizer
 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
@@ -58,5 +58,5 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
         raise ValueError(f"{run_dir / 'checkpoints'}: no checkpoint at step {step} (have {mgr.all_steps()})")
     state = mgr.restore(step, target)
     mgr.close()
-    tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
+    tok = load_tokenizer(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
     return save_pretrained(nnx.merge(graphdef, state.params), out_dir, tokenizer=tok, overwrite=overwrite, dtype=dtype)
