@@ -352,6 +352,7 @@ def chat_prompt_ids(tokenizer: Any, row: dict, system_prompt: str | None = None)
         raise ValueError(f"row {row.get('id')!r} has neither 'prompt' nor 'messages'")
     return ct.prompt_ids(msgs, _prefix_parts(row))
 
+
 def generate_chat(
     model: Decoder,
     tokenizer: Any,
