@@ -194,14 +194,14 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
     from safer_jax.data.pairs import StepPair, encode_pair, fit_pair
     from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 
-    ct = ChatTokenizer(load_tokenizer(str(family_models["qwen2.5"])))
+    ct = ChatTokenizer(load_tokenizer(str(family_models["mistral"])))
     long_prompt = " ".join(["Tell me about the history of bridges and tunnels."] * 40)
     fits = StepPair("fits", long_prompt, ("## Initial Assessment\nA history question.\n",), 2,
                     "## Rule Verification\nR21: applies.\n", "## Rule Verification\nR07: violated, it is prohibited.\n",
                     False, False)
     too_long = StepPair("too-long", "Hi", (), 4, " ".join(["word"] * 400), "No.", True, True)
     enc = encode_pair(ct, fits)
-    seq_len = 320  # with batch 8, the programs of the whole-CLI test: compiled already
+    seq_len = 320  # with batch 8 and this architecture: programs the whole-CLI test compiled already
     assert len(enc["rejected_ids"]) > seq_len  # the context must be cut
     rows, dropped = fit_pair(enc, seq_len)
     assert dropped == len(enc["rejected_ids"]) - seq_len
@@ -217,7 +217,7 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p.to_json()) + "\n" for p in [fits, too_long] * 8))
     assert main(["prefopt", "--config", str(PREF_TINY), f"run_dir={tmp_path / 'run'}",
-                 f"model.path={family_models['qwen2.5']}", f"data.train={pairs}", f"data.seq_len={seq_len}",
+                 f"model.path={family_models['mistral']}", f"data.train={pairs}", f"data.seq_len={seq_len}",
                  "data.batch_size=8", "train.steps=1", f"preference.cache_dir={tmp_path / 'c'}", *QUIET]) == 0
     out = capsys.readouterr().out
     skip = re.search(r"skipped 8/16 pairs whose scored span does not fit data\.seq_len=320", out)
