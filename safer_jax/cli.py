@@ -16,11 +16,45 @@ from safer_jax.paths import as_path
 
 
 def _load_tokenizer(path: str, gguf_file: str | None):
-    from transformers import AutoTokenizer
+    from safer_jax.data.tokenize import load_tokenizer
 
-    from safer_jax.models.hf_io import resolve_path
+    return load_tokenizer(path, gguf_file)
 
-    return AutoTokenizer.from_pretrained(str(resolve_path(path, gguf_file)), gguf_file=gguf_file)
+
+def _chat_tokenizer(args: argparse.Namespace, path: str, gguf_file: str | None):
+    """The shared chat tokenization (template arguments, system prompt) for chat and generate."""
+    from safer_jax.data.tokenize import ChatTokenizer
+
+    return ChatTokenizer(_load_tokenizer(path, gguf_file), args.system_prompt,
+                         template_kwargs=_template_kwargs(args))
+
+
+def _template_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    raw = getattr(args, "chat_template_kwargs", None)
+    if not raw:
+        return {}
+    try:
+        kw = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-kwargs: not JSON ({e.msg}): {raw!r}") from None
+    if not isinstance(kw, dict):
+        raise ValueError(f"--chat-template-kwargs: expected a JSON object, got {raw!r}")
+    return kw
+
+
+def _logit_bias(items: list[str] | None) -> tuple[tuple[int, float], ...]:
+    out = []
+    for item in items or ():
+        tid, sep, val = item.partition("=")
+        try:
+            out.append((int(tid), float(val)))
+        except ValueError:
+            raise ValueError(f"--logit-bias {item!r}: expected TOKEN_ID=VALUE, e.g. 2=5.0") from None
+        if not sep:
+            raise ValueError(f"--logit-bias {item!r}: expected TOKEN_ID=VALUE, e.g. 2=5.0")
+    return tuple(out)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -37,11 +71,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _model_location(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
-    """`--model` as given, or the embedded SmolLM2-135M-Instruct for no model or `smollm2`."""
+    """`--model` (a hub id resolved once to its local snapshot), or the embedded SmolLM2-135M-Instruct
+    for no model or `smollm2`."""
+    from safer_jax.hub import resolve_path
+
     if model in (None, "smollm2"):
         folder, gguf = smollm2_location()
         return str(folder), gguf
-    return model, gguf_file
+    return str(resolve_path(model, gguf_file)), gguf_file
 
 
 def _sampling(args: argparse.Namespace):
@@ -52,7 +89,7 @@ def _sampling(args: argparse.Namespace):
     return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=getattr(args, "greedy", False) or not sampled,
                           temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k or 0,
                           top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
-                          stop_strings=tuple(args.stop or ()))
+                          stop_strings=tuple(args.stop or ()), logit_bias=_logit_bias(getattr(args, "logit_bias", None)))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -64,6 +101,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop string (repeatable); EOS ids always stop")
     p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
+    p.add_argument("--logit-bias", action="append", metavar="ID=VALUE", help="add VALUE to token ID's logit (repeatable)")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\'')
 
 
 def _chat_once(model, tok, prompt: str, max_new_tokens: int, sampling=None, system_prompt: str | None = None) -> str:
@@ -80,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     path, gguf = _model_location(args.model, args.gguf_file)
     model = from_pretrained(path, gguf_file=gguf)
-    tok = _load_tokenizer(path, gguf)
+    tok = _chat_tokenizer(args, path, gguf)
     sampling = _sampling(args)
     prompts = args.prompt or []
     if prompts:
@@ -125,10 +165,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = _read_prompt_rows(args.prompts)  # before loading the model: bad input fails fast
     path, gguf = _model_location(args.model, args.gguf_file)
     model = from_pretrained(path, gguf_file=gguf)
-    tok = _load_tokenizer(path, gguf)
+    tok = _chat_tokenizer(args, path, gguf)
     t0 = time.time()
-    results = generate_chat(model, tok, rows, _sampling(args), batch_size=args.batch_size,
-                            system_prompt=args.system_prompt)
+    results = generate_chat(model, tok, rows, _sampling(args), batch_size=args.batch_size)
     out = as_path(args.out)  # a file path or a bucket URL
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
@@ -136,8 +175,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f.write(json.dumps({**row, **res}, ensure_ascii=False) + "\n")
     n = sum(r["completion_tokens"] for r in results)
     dt = time.time() - t0
-    print(f"wrote {len(results)} rows to {out}: {n} new tokens in {dt:.1f}s ({n / max(dt, 1e-9):.1f} tokens/s)")
+    print(f"wrote {len(results)} rows to {out}: {n} new tokens in {dt:.1f}s ({n / max(dt, 1e-9):.1f} tokens/s); "
+          f"finish reasons {_finish_counts(results)}")
     return 0
+
+
+def _finish_counts(rows: list[dict]) -> dict[str, int]:
+    """How many rows stopped at an end token (`stop`), at the token limit (`length`), or at a stop string."""
+    import collections
+
+    return dict(collections.Counter(str(r.get("finish_reason")) for r in rows))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -274,14 +321,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 baseline=args.baseline, baseline_gguf_file=args.baseline_gguf_file,
                                 batch_size=args.batch_size, judge=judge, system_prompt=args.system_prompt,
                                 progress=not args.quiet,
-                                options=ScoreOptions(helpful_min_overlap=args.helpful_min_overlap))
+                                options=ScoreOptions(helpful_min_overlap=args.helpful_min_overlap),
+                                chat_template_kwargs=_template_kwargs(args))
     for name, r in (("baseline", base), ("model", res)):
         if r is not None:
             m = r.metrics["overall"]
             pct = {k: "-" if m[k] is None else f"{100 * m[k]:.1f}%"
                    for k in ("harmful_compliance", "over_refusal", "helpfulness", "unfinished_rate")}
             print(f"{name}: {m['n']} prompts; harmful compliance {pct['harmful_compliance']}, over-refusal "
-                  f"{pct['over_refusal']}, helpfulness {pct['helpfulness']}, unfinished {pct['unfinished_rate']}")
+                  f"{pct['over_refusal']}, helpfulness {pct['helpfulness']}, unfinished {pct['unfinished_rate']}; "
+                  f"finish reasons {_finish_counts(r.rows)}")
     print(f"wrote {paths['report']} and {len(paths) - 1} more files in {time.time() - t0:.1f}s")
     return 0
 

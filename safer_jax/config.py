@@ -66,6 +66,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
     if origin in (tuple, list):
         (inner, *_rest) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -138,12 +142,26 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TraceFormat:
+    """How an Ex-Ante trace is written in the assistant turn (`data.trace_format`): tags, step
+    headers, the decision line's prefix. None of them may hold a special token of the tokenizer."""
+
+    open_tag: str = "<think>"
+    close_tag: str = "</think>"
+    headers: tuple[str, str, str] = ("## Initial Assessment", "## Rule Verification", "## Path Calibration")
+    decision_prefix: str = "Decision: "
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     train: str = ""  # traces (SFT) or pairs (preference) file; "bundled" = the packaged traces
     eval: str | None = None
     rules: str | None = None  # rules folder (default configs/rules)
     tokenizer: str | None = None  # default: the model's folder
     system_prompt: str | None = None
+    # keyword arguments of every chat-template call, e.g. {enable_thinking: false, date_string: "26 Jul 2024"}
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trace_format: TraceFormat = TraceFormat()
     seq_len: int = 1024
     batch_size: int = 8  # global, in examples (packed rows for SFT, pairs for preference)
     pack: bool = True

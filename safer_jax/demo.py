@@ -146,15 +146,14 @@ def _base_model(plan: DemoPlan, run_dir: Path) -> tuple[str, str | None]:
 
 
 def _evaluate(path: str, gguf: str | None, examples: list[Any], plan: DemoPlan, name: str) -> Any:
-    from transformers import AutoTokenizer
-
+    from safer_jax.data.tokenize import load_tokenizer
     from safer_jax.evaluation import run_eval
     from safer_jax.generate import SamplingConfig
     from safer_jax.models import from_pretrained
 
     t0 = time.time()
     model = from_pretrained(path, gguf_file=gguf)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    tok = load_tokenizer(path, gguf)
     return run_eval(model, tok, examples, SamplingConfig(max_new_tokens=plan.max_new_tokens, greedy=True),
                     batch_size=plan.gen_batch, info={"model": name, "name": name, "load_s": round(time.time() - t0, 1)})
 

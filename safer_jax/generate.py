@@ -28,7 +28,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from safer_jax.data.traces import TraceFormat
+from safer_jax.config import TraceFormat
+from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.data.traces import split_think
 from safer_jax.models.config import DecoderConfig
 from safer_jax.models.decoder import Decoder
 from safer_jax.models.hf_io import param_shardings
@@ -53,6 +55,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as OpenAI's logit_bias
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -64,6 +67,7 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        object.__setattr__(self, "logit_bias", tuple((int(i), float(v)) for i, v in self.logit_bias))
 
 
 # --------------------------------------------------------------------------- compiled parts
@@ -237,7 +241,8 @@ def sample_batch(
     eos[: len(eos_ids)] = eos_ids
     graphdef, state = _placed_state(model, mesh)
     key = jax.random.fold_in(jax.random.key(sampling.seed), stream)
-    sampler = Sampler(sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
+    sampler = Sampler(sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p),
+                      sampling.logit_bias)
     ds = _prefill_jit(graphdef, state, _put(ids, mesh, ("batch", None)), _put(seg, mesh, ("batch", None)),
                       _put(active, mesh, ("batch",)), key, jnp.asarray(eos), jnp.int32(pad_id),
                       sampler=sampler, slots=slots, record_logits=record_logits, mesh=mesh)
@@ -316,37 +321,36 @@ def greedy_generate(
 # --------------------------------------------------------------------------- chat
 
 
-def split_reasoning(text: str, fmt: TraceFormat = TraceFormat()) -> tuple[str, str | None]:
-    """(reasoning, response): the text inside the trace tags and the stripped text after them.
+def chat_tokenizer(tokenizer: Any, system_prompt: str | None = None, fmt: TraceFormat | None = None) -> ChatTokenizer:
+    """`tokenizer` as a ChatTokenizer (a HF tokenizer is wrapped), with `system_prompt` / `fmt` if given."""
+    if isinstance(tokenizer, ChatTokenizer):
+        if (system_prompt is None or system_prompt == tokenizer.system_prompt) and fmt in (None, tokenizer.fmt):
+            return tokenizer
+        return ChatTokenizer(tokenizer.tok, system_prompt if system_prompt is not None else tokenizer.system_prompt,
+                             tokenizer.name, tokenizer.template_kwargs, fmt or tokenizer.fmt)
+    return ChatTokenizer(tokenizer, system_prompt, fmt=fmt or TraceFormat())
 
-    No open tag: ("", whole text). Open tag but no close tag: (the rest, None), the trace never
-    finished.
-    """
-    start = text.find(fmt.open_tag)
-    if start < 0:
-        return "", text.strip()
-    body = text[start + len(fmt.open_tag):]
-    end = body.find(fmt.close_tag)
-    if end < 0:
-        return body.strip(), None
-    return body[:end].strip(), body[end + len(fmt.close_tag):].strip()
+
+def _prefix_parts(row: dict) -> list[str]:
+    prefix = row.get("assistant_prefix") or []
+    return [prefix] if isinstance(prefix, str) else [str(p) for p in prefix]
 
 
 def chat_prompt_ids(tokenizer: Any, row: dict, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a row's chat (`prompt` str or `messages`) with the generation prompt appended.
+    """Token ids a row's answer is generated after: the chat (`prompt` str or `messages`) rendered
+    with the generation prompt, then the row's `assistant_prefix` (a string or a list of steps),
+    tokenized as training tokenizes them (`ChatTokenizer.prompt_ids`).
 
     Without `system_prompt` the template's default applies; a row's own system message wins.
     """
+    ct = chat_tokenizer(tokenizer, system_prompt)
     if "messages" in row:
-        messages = list(row["messages"])
+        msgs = ct.messages(messages=list(row["messages"]))
     elif "prompt" in row:
-        messages = [{"role": "user", "content": str(row["prompt"])}]
+        msgs = ct.messages(str(row["prompt"]))
     else:
         raise ValueError(f"row {row.get('id')!r} has neither 'prompt' nor 'messages'")
-    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(enc["input_ids"])
+    return ct.prompt_ids(msgs, _prefix_parts(row))
 
 
 def generate_chat(
@@ -359,23 +363,28 @@ def generate_chat(
     system_prompt: str | None = None,
     mesh: Mesh | None = None,
     progress: bool = True,
-    fmt: TraceFormat = TraceFormat(),
+    fmt: TraceFormat | None = None,
 ) -> list[dict]:
     """Answer chat rows; returns per row, in input order, {"id", "text", "reasoning", "response",
     "prompt_tokens", "completion_tokens", "finish_reason"}.
 
+    `tokenizer` is a ChatTokenizer (its template arguments apply) or a HF tokenizer. A row
+    with `assistant_prefix` continues that assistant text; its `text` is prefix + continuation.
+    Generation stops at the model's EOS ids and the tokenizer's end-of-turn ids (`stop_ids`).
     Rows are sorted by prompt length into batches (less padding, fewer shape buckets).
     """
     from tqdm.auto import tqdm
 
-    encoded = [chat_prompt_ids(tokenizer, row, system_prompt) for row in rows]
+    ct = chat_tokenizer(tokenizer, system_prompt, fmt)
+    tok = ct.tok
+    encoded = [chat_prompt_ids(ct, row) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    eos = model_eos_ids(model.config, (tokenizer.eos_token_id,))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model.config.pad_token_id or 0)
+    eos = model_eos_ids(model.config, ct.stop_ids())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (model.config.pad_token_id or 0)
 
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return tok.decode(ids, skip_special_tokens=True)
 
     results: list[dict] = [{} for _ in rows]
     bar = tqdm(total=len(batches) * sampling.max_new_tokens, desc=f"generate ({len(batches)} batches)", unit="step",
@@ -391,8 +400,10 @@ def generate_chat(
             if reason == "stop_string":  # cut after the stop string (its last token may run past it)
                 cut = min((text.find(s) + len(s) for s in sampling.stop_strings if s in text), default=len(text))
                 text = text[:cut]
-            reasoning, response = split_reasoning(text, fmt)
-            results[i] = {"id": rows[i].get("id", i), "text": text, "reasoning": reasoning, "response": response,
-                          "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids), "finish_reason": reason}
+            prefix = "".join(_prefix_parts(rows[i]))
+            reasoning, response = split_think(prefix + text, ct.fmt)
+            results[i] = {"id": rows[i].get("id", i), "text": prefix + text, "reasoning": reasoning,
+                          "response": response, "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids),
+                          "finish_reason": reason}
     bar.close()
     return results

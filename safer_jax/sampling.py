@@ -20,6 +20,7 @@ class Sampler(NamedTuple):
     temperature: float
     top_k: int
     top_p: float
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), applied before any filter
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -55,7 +56,10 @@ def process_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
-    """Next tokens `[B]` int32 from logits `[B, V]`."""
+    """Next tokens `[B]` int32 from logits `[B, V]` (plus the sampler's logit bias)."""
+    if sampler.logit_bias:
+        ids = jnp.asarray([i for i, _ in sampler.logit_bias], jnp.int32)
+        logits = logits.at[:, ids].add(jnp.asarray([v for _, v in sampler.logit_bias], logits.dtype))
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, process_logits(logits, sampler), axis=-1).astype(jnp.int32)

@@ -7,13 +7,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit
 import importlib.util
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# XLA's persistent compilation cache, fresh per session: programs that repeat within the run
+# (the same tiny architecture under several chat templates, a CLI command run twice) compile once
+_XLA_CACHE = tempfile.mkdtemp(prefix="safer-jax-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,3 +113,17 @@ def tiny(traces, tmp_path_factory):
     texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
     build_tiny_model(d, texts, num_layers=2)
     return d, ChatTokenizer(AutoTokenizer.from_pretrained(d))
+
+
+def trace_texts(traces) -> list[str]:
+    return [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
+
+
+@pytest.fixture(scope="session")
+def family_models(traces, tmp_path_factory):
+    """{family name: folder} of a tiny model per chat family (Llama 3.1, Llama 3.2, Mistral v0.3,
+    Qwen2.5, Qwen3), each with its special tokens and template, built once per session."""
+    from chat_families import FAMILIES, build_family_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family_model(fam, root / name, trace_texts(traces)) for name, fam in FAMILIES.items()}

@@ -2,7 +2,6 @@
 for many decode steps, sampling filters equal to transformers' warpers, sharding, the CLI."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 
 from safer_jax import generate as G
 from safer_jax.config import MeshConfig
-from safer_jax.generate import SamplingConfig, generate_chat, generate_ids, sample_batch, split_reasoning
+from safer_jax.data.traces import split_think
+from safer_jax.generate import SamplingConfig, generate_chat, generate_ids, sample_batch
 from safer_jax.models import from_pretrained
 from safer_jax.models.kv_cache import cache_sharding
 from safer_jax.sharding import make_mesh
@@ -195,10 +195,10 @@ def test_eos_and_stop_strings(tiny_llama):
         generate_ids(model, prompts, SamplingConfig(stop_strings=("x",)))
 
 
-def test_split_reasoning():
-    assert split_reasoning("<think>\nA\n</think>\n answer ") == ("A", "answer")
-    assert split_reasoning("<think> still thinking") == ("still thinking", None)
-    assert split_reasoning("  plain answer\n") == ("", "plain answer")
+def test_split_think():
+    assert split_think("<think>\nA\n</think>\n answer ") == ("A", "answer")
+    assert split_think("<think> still thinking") == ("still thinking", None)
+    assert split_think("  plain answer\n") == (None, "plain answer")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_generate_chat_batches_return_input_order(chat_model_dir):
         assert set(r) == {"id", "text", "reasoning", "response", "prompt_tokens", "completion_tokens", "finish_reason"}
         alone = generate_chat(model, tok, [src], sampling, progress=False)[0]  # batching changes nothing
         assert alone == r
-        assert r["reasoning"] == "" and r["response"] == r["text"].strip()
+        assert r["reasoning"] is None and r["response"] == r["text"].strip()
 
 
 def test_cli_generate_writes_rows_in_input_order(chat_model_dir, tmp_path, capsys):

@@ -27,7 +27,7 @@ def test_sft_batches_are_packed_and_shifted(traces, ct):
     cfg = PipelineConfig(seq_len=512, batch_size=2, packing_bins=4)
     stats = TruncationStats()
     b = next(iter(sft_dataset(traces[:40], ct, cfg, stats=stats)))
-    assert set(b) == {"inputs", "targets", "weights", "step_ids", "segment_ids", "positions"}
+    assert set(b) == {"inputs", "targets", "weights", "segment_ids", "positions"}
     assert all(v.shape == (2, 512) for v in b.values())
     assert b["segment_ids"].max() >= 2  # several traces share a row
     seg, pos = b["segment_ids"][0], b["positions"][0]
@@ -35,7 +35,6 @@ def test_sft_batches_are_packed_and_shifted(traces, ct):
         where = np.flatnonzero(seg == s)
         assert (pos[where] == np.arange(len(where))).all()  # positions restart per example
     assert (b["weights"][b["segment_ids"] == 0] == 0).all()
-    assert set(np.unique(b["step_ids"][b["weights"] > 0])) <= {1, 2, 3, 4}
     # targets are the next inputs within a segment
     same = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
     assert (b["targets"][0][:-1][same] == b["inputs"][0][1:][same]).all()

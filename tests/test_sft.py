@@ -127,7 +127,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny, traces):
         at = 0
         for seg, r in enumerate(row, 1):
             n = int(lengths[r])
-            for k in ("inputs", "targets", "weights", "step_ids"):
+            for k in ("inputs", "targets", "weights"):
                 packed[k][i, at:at + n] = unpacked[k][r, :n]
             packed["segment_ids"][i, at:at + n] = seg
             packed["positions"][i, at:at + n] = np.arange(n)

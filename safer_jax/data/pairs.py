@@ -25,8 +25,12 @@ from safer_jax.data.traces import Trace, TraceFormat, segments
 
 @dataclasses.dataclass(frozen=True)
 class StepPair:
+    """One preference pair. The context is `messages` (the whole conversation before the reply:
+    system prompt, earlier turns, last user turn) or, when empty, the single user `prompt`;
+    then the assistant's `prefix_steps`; then the scored span, chosen or rejected."""
+
     id: str
-    prompt: str
+    prompt: str  # the last user turn (also in `messages` when those are given)
     prefix_steps: tuple[str, ...]
     step_index: int | None  # 1..4, None = whole response (TRL format)
     chosen: str
@@ -34,10 +38,15 @@ class StepPair:
     chosen_final: bool
     rejected_final: bool
     kind: str = ""
+    messages: tuple[dict[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["prefix_steps"] = list(self.prefix_steps)
+        if self.messages:
+            d["messages"] = [dict(m) for m in self.messages]
+        else:
+            d.pop("messages")
         return d
 
 
@@ -49,14 +58,34 @@ def _message_text(v: Any, file: Any, line: int | None, field: str) -> str:
     raise DataError("expected a string or a list of messages", file, line, field)
 
 
+def _messages(v: Any, file: Any, line: int | None, field: str) -> tuple[dict[str, str], ...]:
+    """A conversation as a tuple of {role, content}; the last turn must be the user's."""
+    if not (isinstance(v, list) and v):
+        raise DataError("expected a non-empty list of messages", file, line, field)
+    out = []
+    for i, m in enumerate(v):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError("each message needs string 'role' and 'content'", file, line, f"{field}[{i}]")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise DataError(f"the last message must be the user's, got {out[-1]['role']!r}", file, line, field)
+    return tuple(out)
+
+
 def pair_from_record(obj: dict[str, Any], file: Any = None, line: int | None = None) -> StepPair:
-    """Our step-pair schema, TRL's {prompt, chosen, rejected}, or Step-DPO's {..., initial_reason_steps}."""
+    """Our step-pair schema, TRL's {prompt, chosen, rejected}, or Step-DPO's {..., initial_reason_steps}.
+
+    A conversational prompt (a message list, TRL's conversational format) keeps every turn.
+    """
     rid = str(obj.get("id", f"line{line}"))
     if "prompt" not in obj:
         raise DataError("missing required field", file, line, "prompt")
-    prompt = obj["prompt"]
-    if isinstance(prompt, list):  # TRL conversational: prompt is a message list
-        prompt = _message_text([m for m in prompt if m.get("role") == "user"] or prompt, file, line, "prompt")
+    prompt, messages = obj["prompt"], ()
+    if isinstance(prompt, list):  # TRL conversational: the whole conversation before the reply
+        messages = _messages(prompt, file, line, "prompt")
+        prompt = messages[-1]["content"]
+    if "messages" in obj:  # ours: a multi-turn context
+        messages = _messages(obj["messages"], file, line, "messages")
     if not isinstance(prompt, str):
         raise DataError("expected a string or a list of messages", file, line, "prompt")
     chosen = _message_text(obj.get("chosen"), file, line, "chosen") if "chosen" in obj else None
@@ -67,38 +96,39 @@ def pair_from_record(obj: dict[str, Any], file: Any = None, line: int | None = N
         raise DataError("missing required field", file, line, "rejected")
     if "prefix_steps" in obj or "step_index" in obj:  # ours
         prefix = require(obj, "prefix_steps", list, file, line)
-        k = require(obj, "step_index", int, file, line)
+        k = obj.get("step_index")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise DataError(f"expected an int or null, got {type(k).__name__}", file, line, "step_index")
         return StepPair(rid, prompt, tuple(map(str, prefix)), k, chosen, rejected,
                         bool(obj.get("chosen_final", k == 4)), bool(obj.get("rejected_final", k == 4)),
-                        str(obj.get("kind", "")))
+                        str(obj.get("kind", "")), messages)
     if "initial_reason_steps" in obj:  # Step-DPO: a string prefix, spans are the next step
         prefix = obj["initial_reason_steps"] or ""
         return StepPair(rid, prompt, (str(prefix),) if prefix else (), None, chosen, rejected,
-                        bool(obj.get("chosen_final", False)), bool(obj.get("rejected_final", False)))
-    return StepPair(rid, prompt, (), None, chosen, rejected, True, True)  # TRL: whole responses
+                        bool(obj.get("chosen_final", False)), bool(obj.get("rejected_final", False)),
+                        messages=messages)
+    return StepPair(rid, prompt, (), None, chosen, rejected, True, True, messages=messages)  # TRL: whole responses
 
 
-def encode_pair(ct: ChatTokenizer, pair: StepPair, where: str = "") -> dict[str, np.ndarray]:
-    """chosen/rejected `input_ids` and `span_mask` (1 on span tokens, + end-of-turn if final)."""
-    prefix = "".join(pair.prefix_steps)
-    out = {}
+def encode_pair(ct: ChatTokenizer, pair: StepPair, where: str = "") -> dict[str, Any]:
+    """chosen/rejected `*_ids` and `*_mask` (1 on span tokens, + end-of-turn if final), and
+    `context_len`: both rows start with the same context ids (conversation + prefix steps)."""
+    context = ct.prompt_ids(ct.messages(pair.prompt, pair.messages or None), pair.prefix_steps)
+    out: dict[str, Any] = {"context_len": len(context)}
     for side, text, final in (("chosen", pair.chosen, pair.chosen_final), ("rejected", pair.rejected, pair.rejected_final)):
-        ids, offsets, a0, a1 = ct.encode_turn(pair.prompt, prefix + text, where)
-        s0 = a0 + len(prefix)
-        keep, mask = [], []
-        for tid, (s, e) in zip(ids, offsets):
-            if s < a1:
-                keep.append(tid)
-                mask.append(1 if s >= s0 else 0)
-            elif final:
-                keep.append(tid)  # the end-of-turn token
-                mask.append(1)
-                break
-            else:
-                break
-        out[f"{side}_ids"] = np.asarray(keep, np.int32)
-        out[f"{side}_mask"] = np.asarray(mask, np.int32)
+        out[f"{side}_ids"], out[f"{side}_mask"] = ct.encode_span(context, text, final)
     return out
+
+
+def fit_pair(enc: dict[str, Any], seq_len: int) -> tuple[dict[str, np.ndarray], int] | None:
+    """(rows cut to `seq_len`, context tokens dropped): the same context tokens are dropped from the
+    left of both rows, so the scored spans stay whole and the shared context stays shared.
+    None when a span cannot fit (it needs at least one context token before it)."""
+    longest = max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
+    drop = max(0, longest - seq_len)
+    if drop >= enc["context_len"]:
+        return None
+    return {k: enc[k][drop:] for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")}, drop
 
 
 # ------------------------------------------------------------------ offline pair construction

@@ -7,9 +7,11 @@ dataset is built (bad ones raise with file/line/field, or are counted under
 `get_state()` / `set_state()` and resume exactly.
 
 SFT batches: `inputs`, `targets` (next token), `weights` (loss on assistant targets),
-`step_ids` (of each target), `segment_ids` (0 = padding) and `positions`, all `[B, T]`.
+`segment_ids` (0 = padding) and `positions`, all `[B, T]`.
 Preference batches: `input_ids`, `span_mask`, `segment_ids`, `positions` of shape `[2B, T]`,
-chosen rows first, then the rejected rows in the same order.
+chosen rows first, then the rejected rows in the same order. A pair longer than the sequence
+loses context from the left, never span tokens; pairs whose span cannot fit are dropped
+before training by `drop_unfit_pairs`, which says how many.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from safer_jax.data.pairs import StepPair, encode_pair, pair_from_record
+from safer_jax.data.pairs import StepPair, encode_pair, fit_pair, pair_from_record
 from safer_jax.data.records import DataError, SkipReport, read_records
 from safer_jax.data.rules import RuleBook
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats, truncate
 from safer_jax.data.traces import Trace, TraceFormat, trace_from_record, validate
 
-SFT_KEYS = ("inputs", "targets", "weights", "step_ids")
+SFT_KEYS = ("inputs", "targets", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +80,13 @@ def load_pairs(path: str | Path, skip_invalid: bool = False, report: SkipReport 
 
 
 class _TokenizeTrace(grain.transforms.Map):
-    def __init__(self, ct: ChatTokenizer, fmt: TraceFormat, seq_len: int, stats: TruncationStats):
+    def __init__(self, ct: ChatTokenizer, fmt: TraceFormat | None, seq_len: int, stats: TruncationStats):
         self.ct, self.fmt, self.seq_len, self.stats = ct, fmt, seq_len, stats
 
     def map(self, trace: Trace) -> dict[str, np.ndarray]:
         ex = truncate(self.ct.encode_trace(trace, self.fmt, where=trace.id), self.seq_len + 1, self.stats)
-        ids, mask, steps = ex["input_ids"], ex["loss_mask"], ex["step_ids"]
-        return {"inputs": ids[:-1], "targets": ids[1:], "weights": mask[1:].astype(np.float32), "step_ids": steps[1:]}
+        ids, mask = ex["input_ids"], ex["loss_mask"]
+        return {"inputs": ids[:-1], "targets": ids[1:], "weights": mask[1:].astype(np.float32)}
 
 
 def _base(records: list[Any], cfg: PipelineConfig) -> grain.MapDataset:
@@ -97,9 +99,9 @@ def _base(records: list[Any], cfg: PipelineConfig) -> grain.MapDataset:
     return ds[cfg.process_index::cfg.process_count]
 
 
-def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt: TraceFormat = TraceFormat(),
+def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt: TraceFormat | None = None,
                 stats: TruncationStats | None = None, pack: bool = True) -> grain.IterDataset:
-    """Tokenized, (first-fit) packed, batched SFT examples."""
+    """Tokenized, (first-fit) packed, batched SFT examples (`fmt` default: the tokenizer's trace format)."""
     stats = stats if stats is not None else TruncationStats()
     ds = _base(traces, cfg).map(_TokenizeTrace(ct, fmt, cfg.seq_len, stats)).to_iter_dataset()
     length = {k: cfg.seq_len for k in SFT_KEYS}
@@ -135,15 +137,23 @@ class _TokenizePair(grain.transforms.Map):
 
     def map(self, item: tuple[int, StepPair, np.ndarray | None]) -> dict[str, np.ndarray]:
         index, pair, ref = item
-        enc = encode_pair(self.ct, pair, where=pair.id)
+        fit = fit_pair(encode_pair(self.ct, pair, where=pair.id), self.seq_len)
+        if fit is None:
+            raise DataError(f"pair {pair.id!r}: its scored span does not fit data.seq_len={self.seq_len} "
+                            "(drop_unfit_pairs removes such pairs before training)")
+        rows, dropped = fit
+        self.stats.examples += 1
+        if dropped:
+            self.stats.truncated += 1
+            self.stats.tokens_dropped += dropped
         out = {"index": np.int32(index)}
         if ref is not None:
             out["ref"] = np.asarray(ref, np.float32)
         for side in ("chosen", "rejected"):
-            ex = truncate({"ids": enc[f"{side}_ids"], "mask": enc[f"{side}_mask"]}, self.seq_len, self.stats)
-            n = len(ex["ids"])
-            out[f"{side}_ids"] = np.pad(ex["ids"], (0, self.seq_len - n))
-            out[f"{side}_mask"] = np.pad(ex["mask"], (0, self.seq_len - n))
+            ids, mask = rows[f"{side}_ids"], rows[f"{side}_mask"]
+            n = len(ids)
+            out[f"{side}_ids"] = np.pad(ids, (0, self.seq_len - n))
+            out[f"{side}_mask"] = np.pad(mask, (0, self.seq_len - n))
             out[f"{side}_len"] = np.int32(n)
         return out
 
@@ -182,13 +192,26 @@ def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineCo
     return ds.batch(cfg.batch_size, drop_remainder=drop_remainder).map(_StackPairs(with_index))
 
 
+def drop_unfit_pairs(pairs: list[StepPair], ct: ChatTokenizer, seq_len: int, log: Any = print) -> list[StepPair]:
+    """The pairs whose scored spans fit `seq_len` (context is cut from the left to make room);
+    the others are counted and dropped here, before training, and the count is logged."""
+    kept = [p for p in pairs if fit_pair(encode_pair(ct, p, where=p.id), seq_len) is not None]
+    if len(kept) < len(pairs):
+        log(f"skipped {len(pairs) - len(kept)}/{len(pairs)} pairs whose scored span does not fit "
+            f"data.seq_len={seq_len} (context is cut from the left, never the span)")
+    if not kept:
+        raise DataError(f"no pair fits data.seq_len={seq_len}")
+    return kept
+
+
 def is_trace_record(obj: dict[str, Any]) -> bool:
     """A trace (or chat-format trace) rather than a pair: it has steps or messages and no chosen/rejected."""
     return ("steps" in obj or "messages" in obj) and "chosen" not in obj
 
 
 def load_preference_data(path: str | Path, rules: RuleBook, span: str = "step", skip_invalid: bool = False,
-                         report: SkipReport | None = None, seed: int = 0) -> list[StepPair]:
+                         report: SkipReport | None = None, seed: int = 0, fmt: TraceFormat = TraceFormat()
+                         ) -> list[StepPair]:
     """Pairs from a pairs file (any accepted format), or built from a traces file by `make_pairs`."""
     from safer_jax.data.pairs import make_pairs
 
@@ -196,6 +219,6 @@ def load_preference_data(path: str | Path, rules: RuleBook, span: str = "step", 
     if first is None:
         raise DataError("no records", path)
     if is_trace_record(first[1]):
-        return make_pairs(load_traces(path, rules, skip_invalid=skip_invalid, report=report), rules, seed=seed,
-                          span=span)
+        return make_pairs(load_traces(path, rules, fmt, skip_invalid=skip_invalid, report=report), rules, seed=seed,
+                          span=span, fmt=fmt)
     return load_pairs(path, skip_invalid=skip_invalid, report=report)

@@ -14,7 +14,8 @@ Rendering (tags and headers configurable through `TraceFormat`):
     final response
 
 The text splits into four step segments (assessment, verification, calibration, response)
-whose concatenation is the whole text: SFT step ids and preference spans come from them.
+whose concatenation is the whole text: each is tokenized on its own (`data/tokenize.py`),
+and preference spans are made of them.
 `parse(render(t)) == t` for every valid trace.
 """
 
@@ -24,6 +25,7 @@ import dataclasses
 import re
 from typing import Any
 
+from safer_jax.config import TraceFormat
 from safer_jax.data.records import DataError, require
 from safer_jax.data.rules import RuleBook
 
@@ -32,14 +34,6 @@ DECISIONS = ("refuse", "safe_complete", "comply")
 STEP_KEYS = ("initial_assessment", "rule_verification", "path_calibration")
 ALLOWED_DECISIONS = {"harmful": ("refuse",), "benign": ("comply",), "borderline": ("comply", "safe_complete")}
 RULE_REF = re.compile(r"\bR\d{2,3}\b")
-
-
-@dataclasses.dataclass(frozen=True)
-class TraceFormat:
-    open_tag: str = "<think>"
-    close_tag: str = "</think>"
-    headers: tuple[str, str, str] = ("## Initial Assessment", "## Rule Verification", "## Path Calibration")
-    decision_prefix: str = "Decision: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +67,22 @@ def render(trace: Trace, fmt: TraceFormat = TraceFormat()) -> str:
     return "".join(segments(trace, fmt))
 
 
+def split_think(text: str, fmt: TraceFormat = TraceFormat()) -> tuple[str | None, str | None]:
+    """(reasoning, response) of assistant text: the one think-tag splitter (generation, scoring, parsing).
+
+    No open tag: (None, whole text stripped). Open tag without a close tag: (the rest
+    stripped, None): the reasoning never finished. Otherwise both parts, stripped.
+    """
+    start = text.find(fmt.open_tag)
+    if start < 0:
+        return None, text.strip()
+    body = text[start + len(fmt.open_tag):]
+    end = body.find(fmt.close_tag)
+    if end < 0:
+        return body.strip(), None
+    return body[:end].strip(), body[end + len(fmt.close_tag):].strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class Parsed:
     """What the parser recovered from assistant text, and what is malformed about it."""
@@ -92,20 +102,14 @@ def parse(text: str, fmt: TraceFormat = TraceFormat()) -> Parsed:
     """Extract steps, decision, response and cited rule ids; list every malformation."""
     errors: list[str] = []
     steps: dict[str, str] = {}
-    body, response = text, None
-    start = text.find(fmt.open_tag)
-    if start < 0:
+    body, response = split_think(text, fmt)
+    if body is None:
         errors.append(f"no opening {fmt.open_tag}")
-    else:
-        body = text[start + len(fmt.open_tag):]
-    end = body.find(fmt.close_tag)
-    if end < 0:
+        body, response = split_think(fmt.open_tag + text, fmt)  # still read the steps of the whole text
+    if response is None:
         errors.append(f"no closing {fmt.close_tag} (the reasoning never finished)")
-    else:
-        response = body[end + len(fmt.close_tag):].strip()
-        body = body[:end]
-        if not response:
-            errors.append("empty final response")
+    elif not response:
+        errors.append("empty final response")
     positions = [body.find(h) for h in fmt.headers]
     for key, h, pos in zip(STEP_KEYS, fmt.headers, positions):
         if pos < 0:

@@ -55,8 +55,7 @@ def run_eval(model: Any, tokenizer: Any, examples: list[EvalExample], sampling: 
 
 def load_model(spec: str, gguf_file: str | None = None, mesh: Any = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, display name) for a folder, hub id, or `smollm2` (the embedded default)."""
-    from transformers import AutoTokenizer
-
+    from safer_jax.data.tokenize import load_tokenizer
     from safer_jax.models import from_pretrained
 
     if spec == EMBEDDED:
@@ -65,11 +64,11 @@ def load_model(spec: str, gguf_file: str | None = None, mesh: Any = None) -> tup
         folder, gguf = smollm2_location()
         path, gguf_file, name = str(folder), gguf, "SmolLM2-135M-Instruct (Q4_1 GGUF)"
     else:
-        from safer_jax.models.hf_io import resolve_path
+        from safer_jax.hub import resolve_path
 
         path, name = str(resolve_path(spec, gguf_file)), spec if not gguf_file else f"{spec}/{gguf_file}"
     model = from_pretrained(path, gguf_file=gguf_file, mesh=mesh)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    tok = load_tokenizer(path, gguf_file)
     return model, tok, name
 
 
@@ -77,12 +76,13 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
              gguf_file: str | None = None, baseline: str | None = None, baseline_gguf_file: str | None = None,
              batch_size: int = 8, judge: Any = None, mesh: Any = None, system_prompt: str | None = None,
              generate_fn: Callable[..., list[dict]] | None = None, progress: bool = True,
-             options: ScoreOptions = ScoreOptions(), title: str = "safer-jax safety evaluation"
+             options: ScoreOptions = ScoreOptions(), title: str = "safer-jax safety evaluation",
+             chat_template_kwargs: dict[str, Any] | None = None
              ) -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
     """Evaluate `model` (and `baseline`: a model spec, or an earlier results.json / out folder); write reports."""
     examples = list(examples)
     res = _evaluate_one(model, gguf_file, examples, sampling, batch_size, judge, mesh, system_prompt, generate_fn,
-                        progress, options, "model")
+                        progress, options, "model", chat_template_kwargs)
     base = None
     if baseline:
         bpath = as_path(baseline)
@@ -91,16 +91,19 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
             base.info.setdefault("name", "baseline")
         else:
             base = _evaluate_one(baseline, baseline_gguf_file, examples, sampling, batch_size, judge, mesh,
-                                 system_prompt, generate_fn, progress, options, "baseline")
+                                 system_prompt, generate_fn, progress, options, "baseline", chat_template_kwargs)
     paths = write_report(out_dir, res, base, title)
     return res, base, paths
 
 
 def _evaluate_one(spec: str, gguf_file: str | None, examples: list[EvalExample], sampling: Any, batch_size: int,
                   judge: Any, mesh: Any, system_prompt: str | None, generate_fn: Callable | None, progress: bool,
-                  options: ScoreOptions, role: str) -> EvalResult:
+                  options: ScoreOptions, role: str, chat_template_kwargs: dict[str, Any] | None = None) -> EvalResult:
+    from safer_jax.data.tokenize import ChatTokenizer
+
     t0 = time.perf_counter()
     model, tok, name = load_model(spec, gguf_file, mesh)
+    tok = ChatTokenizer(tok, system_prompt, name, chat_template_kwargs, options.fmt)  # the shared tokenization
     load_s = time.perf_counter() - t0
     log.info("loaded %s %s in %.1fs", role, name, load_s)
     res = run_eval(model, tok, examples, sampling, batch_size=batch_size, mesh=mesh, judge=judge,

@@ -40,7 +40,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from safer_jax.data.traces import ALLOWED_DECISIONS, TraceFormat, parse
+from safer_jax.data.traces import ALLOWED_DECISIONS, TraceFormat, parse, split_think
 from safer_jax.evaluation.judge import JudgeVerdict, as_judge
 from safer_jax.evaluation.overlap import count_tokens, is_repetitive, rouge_l_recall, token_f1
 from safer_jax.evaluation.refusal import classify_refusal
@@ -64,21 +64,9 @@ class Context:
     options: ScoreOptions
 
 
-def split_answer(text: str, fmt: TraceFormat = TraceFormat()) -> tuple[str | None, str | None]:
-    """(reasoning, response) of raw text, as generate_chat splits it, for generations lacking the keys."""
-    start = text.find(fmt.open_tag)
-    if start < 0:
-        return None, text.strip()
-    body = text[start + len(fmt.open_tag):]
-    end = body.find(fmt.close_tag)
-    if end < 0:
-        return body.strip(), None
-    return body[:end].strip(), body[end + len(fmt.close_tag):].strip()
-
-
 def _generation(c: Context) -> dict[str, Any]:
     text = c.gen.get("text") or ""
-    reasoning, response = split_answer(text, c.options.fmt)
+    reasoning, response = split_think(text, c.options.fmt)
     if "response" in c.gen:
         response = c.gen["response"]
     if "reasoning" in c.gen:
@@ -170,7 +158,7 @@ def score(examples: Sequence[EvalExample], generations: Sequence[dict[str, Any]]
     if judge is not None:
         todo = []
         for i, (ex, g) in enumerate(zip(examples, gens)):
-            _, response = split_answer(g.get("text") or "", options.fmt)
+            _, response = split_think(g.get("text") or "", options.fmt)
             response = g.get("response", response)
             if response is not None and response.strip():
                 todo.append((i, ex.prompt, response))

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from safer_jax.hub import CheckpointError, resolve_path  # noqa: F401 (re-exported)
 from safer_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 from safer_jax.models.decoder import Decoder
 from safer_jax.models.hf_params import Row, hf_shape, param_rows, to_hf, to_ours
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors file on export
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor that cannot be loaded; names the file and tensor."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -135,31 +132,6 @@ class ArraySource:
 
 
 # --------------------------------------------------------------------------- resolution
-
-
-def resolve_path(path: str | os.PathLike, gguf_file: str | None = None) -> Path:
-    """A local folder as is; a bucket URL from its local copy; otherwise a hub id, fetched (or
-    read from the cache offline)."""
-    from safer_jax.paths import is_remote, local_copy
-
-    if is_remote(path):
-        return local_copy(path)
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise CheckpointError(f"{p}: expected a model folder, got a file (pass the folder, and gguf_file=)")
-    if str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
-        raise CheckpointError(f"{path}: no such folder, and not a hub id of the form owner/name")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    if gguf_file:
-        patterns = ["*.json", "tokenizer*", gguf_file]
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=patterns))
-    except Exception as e:  # offline without a cache, unknown repo, ...
-        raise CheckpointError(f"{path}: not a local folder and the hub download failed: {e}") from e
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:

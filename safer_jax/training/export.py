@@ -50,7 +50,7 @@ def _run_config(run_dir: Any) -> SFTConfig:
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
                       overwrite: bool = False, dtype: str | None = None) -> str:
     """Restore the parameters of checkpoint `step` (default latest) onto one device and write a HF folder."""
-    from transformers import AutoTokenizer
+    from safer_jax.data.tokenize import load_tokenizer
 
     run_dir = as_path(run_dir)
     cfg = _run_config(run_dir)
@@ -78,5 +78,5 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, st
     state = mgr.restore(step, target)
     mgr.close()
     saved = run_dir / "tokenizer"
-    tok = AutoTokenizer.from_pretrained(str(local_copy(saved, kind="tokenizers"))) if saved.exists() else None
+    tok = load_tokenizer(str(local_copy(saved, kind="tokenizers"))) if saved.exists() else None
     return save_hf(nnx.merge(graphdef, state.params), out_dir, tokenizer=tok, overwrite=overwrite, dtype=dtype)

@@ -18,7 +18,6 @@ from flax import nnx
 from tqdm import tqdm
 
 from safer_jax.checkpoint import abstract_like
-from safer_jax.config import OptimizerConfig, TrainConfig
 from safer_jax.metrics import Throughput, device_peak_tflops
 from safer_jax.sharding import shard_batch
 from safer_jax.training.optimizer import schedule

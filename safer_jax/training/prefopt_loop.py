@@ -21,7 +21,7 @@ from flax import nnx
 
 from safer_jax.config import ModelConfig, PrefOptConfig
 from safer_jax.data import train_file
-from safer_jax.data.pipeline import PipelineConfig, load_preference_data, preference_dataset
+from safer_jax.data.pipeline import PipelineConfig, drop_unfit_pairs, load_preference_data, preference_dataset
 from safer_jax.data.records import SkipReport
 from safer_jax.data.rules import load_rules
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
@@ -92,7 +92,8 @@ def _cached_ref_logps(cfg: PrefOptConfig, run: Run, pairs: list[Any], ct: ChatTo
 def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tuple[list[Any], list[str]]:
     """The run's pairs, and their texts (a `tiny` model's tokenizer is trained on them)."""
     pairs = load_preference_data(train_file(cfg.data.train), load_rules(cfg.data.rules), span=cfg.preference.span,
-                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed)
+                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed,
+                                 fmt=cfg.data.trace_format)
     return pairs, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
 
@@ -115,7 +116,8 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     say(f"{len(pairs)} preference pairs from {train_file(cfg.data.train)}")
     run = build_run(cfg, texts)
     mesh = run.mesh
-    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
+    ct = ChatTokenizer.from_config(run.tokenizer, cfg.data)
+    pairs = drop_unfit_pairs(pairs, ct, cfg.data.seq_len, log=say)
     graphdef, params = nnx.split(run.model)
     mcfg, run.model = run.model.config, None  # the state holds the weights from here on
     same_start = not pc.reference_path  # `params` hold the starting weights until a resume restores the state
@@ -184,7 +186,8 @@ def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Any, bool]:
     _validate(cfg)
     pairs, texts = _pairs_and_texts(cfg)
     run = build_run(cfg, texts, train=False, load_model=False)  # the tokenizer a prefopt run would use
-    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
+    ct = ChatTokenizer.from_config(run.tokenizer, cfg.data)
+    pairs = drop_unfit_pairs(pairs, ct, cfg.data.seq_len, log=say)
     logps, where, _, hit = _cached_ref_logps(
         cfg, run, pairs, ct, lambda: _load_reference(cfg, reference_location(cfg, run), run.mesh))
     return logps, where, hit

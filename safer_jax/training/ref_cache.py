@@ -7,8 +7,8 @@ is a digest of everything that changes the numbers; any change selects another e
 
 - the pairs: every field of every pair, in order (the JSON of the loaded records);
 - tokenization: the tokenizer's full serialization and chat template, the template's
-  arguments (the system prompt and every other plain setting of the `ChatTokenizer`), the
-  sequence length;
+  arguments (`data.chat_template_kwargs`), the trace format, the system prompt and every
+  other plain setting of the `ChatTokenizer`, the sequence length;
 - the reference weights: the bytes of every weight and config file of the reference
   (digests memoized by path, size and mtime, so a second run does not re-read them);
 - the computation: the compute and parameter dtypes (a float32 cache is not a bfloat16
@@ -96,7 +96,9 @@ def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
 def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None
                           ) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
-    folder = Path(folder)
+    from safer_jax.hub import resolve_path
+
+    folder = resolve_path(folder, gguf_file)  # a hub id: its local snapshot
     if gguf_file:
         files = [folder / gguf_file]
     else:

@@ -27,7 +27,7 @@ from etils import epath
 from safer_jax.checkpoint import CheckpointManager
 from safer_jax.config import ModelConfig, to_dict
 from safer_jax.metrics import Tracker
-from safer_jax.paths import as_path, check_writable, is_remote, local_copy, staged_dir
+from safer_jax.paths import as_path, check_writable, local_copy, staged_dir
 
 TINY_PREFIX = "tiny"
 EMBEDDED = "smollm2"
@@ -152,21 +152,19 @@ def resolve_model_path(mc: ModelConfig, run_dir: str | os.PathLike, texts: Any =
         return str(folder), gguf
     if not mc.path:
         raise ValueError("model.path is empty: give a HF folder, a hub id, 'smollm2' or 'tiny'")
-    if is_remote(mc.path):
-        return str(local_copy(mc.path)), mc.gguf_file
-    return mc.path, mc.gguf_file
+    from safer_jax.hub import resolve_path
+
+    return str(resolve_path(mc.path, mc.gguf_file)), mc.gguf_file  # a hub id or a bucket URL: resolved once, here
 
 
 def load_tokenizer(path: str, gguf_file: str | None, run_dir: str | os.PathLike) -> Any:
     """The tokenizer, saved once into the run folder (export and resume read it from there)."""
-    from transformers import AutoTokenizer
+    from safer_jax.data.tokenize import load_tokenizer as load
 
     saved = as_path(run_dir) / "tokenizer"
     if (saved / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(local_copy(saved, kind="tokenizers")))
-    from safer_jax.models.hf_io import resolve_path
-
-    tok = AutoTokenizer.from_pretrained(str(resolve_path(path, gguf_file)), gguf_file=gguf_file)
+        return load(str(local_copy(saved, kind="tokenizers")))
+    tok = load(path, gguf_file)
     if jax.process_index() == 0:
         with staged_dir(saved) as local:
             tok.save_pretrained(str(local))

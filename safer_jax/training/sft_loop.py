@@ -31,13 +31,14 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     """Everything a run needs before its first step (shared by `train_sft` and tests)."""
     rules = load_rules(cfg.data.rules)
     report = SkipReport()
-    traces = load_traces(train_file(cfg.data.train), rules, skip_invalid=cfg.data.skip_invalid, report=report)
+    fmt = cfg.data.trace_format
+    traces = load_traces(train_file(cfg.data.train), rules, fmt, skip_invalid=cfg.data.skip_invalid, report=report)
     if report.total:
         say(report.summary())
     texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
     run = build_run(cfg, texts)
     mesh = run.mesh
-    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
+    ct = ChatTokenizer.from_config(run.tokenizer, cfg.data)
     n_proc = jax.process_count()
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           packing_bins=cfg.data.packing_bins, process_index=jax.process_index(),
@@ -46,7 +47,7 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     train_iter = iter(sft_dataset(traces, ct, pcfg, stats=stats, pack=cfg.data.pack))
     eval_ds = None
     if cfg.data.eval:
-        eval_traces = load_traces(cfg.data.eval, rules, skip_invalid=cfg.data.skip_invalid)
+        eval_traces = load_traces(cfg.data.eval, rules, fmt, skip_invalid=cfg.data.skip_invalid)
         # repeating and unshuffled: every process draws the same number of batches (no multi-host hang)
         eval_ds = sft_dataset(eval_traces, ct, PipelineConfig(
             seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, shuffle=False, num_epochs=None,
