@@ -55,6 +55,19 @@ ATTENTION_BACKENDS: dict[str, Callable] = {
 }
 
 
+HARDWARE = {"cudnn": ("gpu",), "splash": ("tpu",)}  # backends that need an accelerator, and which
+
+
+def require_hardware(backend: str, platform: str | None = None) -> None:
+    """Raise a clear error for an unknown backend, or one whose hardware is absent."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
+    platform = platform or jax.default_backend()
+    if backend in HARDWARE and platform not in HARDWARE[backend]:
+        raise ValueError(f"attention backend {backend!r} needs a {' or '.join(HARDWARE[backend]).upper()}; "
+                         f"this process runs on {platform!r} (use attention 'xla' here)")
+
+
 def attention(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
