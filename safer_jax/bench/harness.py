@@ -25,7 +25,7 @@ from typing import Any
 from safer_jax.bench.shapes import resolve_shape
 from safer_jax.bench.work import BenchSpec
 
-ATTENTION_NAMES = ("xla", "jax", "cudnn", "splash")  # models/attention.py ATTENTION_BACKENDS (no jax import here)
+ATTENTION_NAMES = ("xla", "jax", "cudnn", "cudnn_rows", "splash")  # models/attention.py ATTENTION_BACKENDS (no jax import here)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "numpy")
 
 

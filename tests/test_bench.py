@@ -1,0 +1,85 @@
+"""The benchmark harness: both sides do the same work, and bad input gets a clear error."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from safer_jax.bench import BenchSpec
+from safer_jax.bench.work import batch, pair_batch, sft_batch
+from safer_jax.cli import main
+
+
+@pytest.fixture(scope="module", params=["sft", "prefopt"])
+def both_sides(request, tmp_path_factory):
+    """(spec, JAX record, torch record) of 2 fp32 steps on the tiny shape, each side run in this process."""
+    from safer_jax.bench import jax_side, torch_side
+
+    spec = BenchSpec(model="tiny", task=request.param, seq=64, batch=2, steps=2, lr=1e-3,
+                     model_dir=str(tmp_path_factory.mktemp("bench") / "model"))
+    return spec, jax_side.run(spec), torch_side.run(spec)
+
+
+def test_same_work(both_sides):
+    spec, j, t = both_sides
+    assert j["tokens"] == t["tokens"] == spec.batch * spec.seq * (1 if spec.task == "sft" else 2)
+    assert j["real_tokens"] == t["real_tokens"] > 0
+    assert j["loss_tokens"] == t["loss_tokens"] > 0
+    assert j["flops_per_step"] == t["flops_per_step"]
+    np.testing.assert_allclose(j["first_loss"], t["first_loss"], rtol=1e-4)
+    # the loss of step 2 follows one AdamW step on both sides: equal only if the updates are
+    assert abs(j["losses"][1] - j["losses"][0]) > 1e-4  # the step moved the loss
+    np.testing.assert_allclose(j["losses"][1], t["losses"][1], rtol=1e-4)
+    if spec.task == "prefopt":
+        np.testing.assert_allclose(j["first_loss"], np.log(2), rtol=1e-6)  # policy == reference at step 1
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(j["span_logps"][side], t["span_logps"][side], rtol=1e-4)
+            assert all(v < 0 for v in j["span_logps"][side])
+    for rec in (j, t):
+        assert rec["tokens_per_s"] > 0 and rec["step_s"] > 0 and rec["peak_memory_bytes"] > 0
+        assert rec["mfu"] is None  # CPU, float32: no MFU
+
+
+def test_batches_are_packed_and_deterministic():
+    spec = BenchSpec(seq=64, batch=3)
+    a, b = sft_batch(spec, 100, 1), sft_batch(spec, 100, 1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["inputs"], sft_batch(spec, 100, 2)["inputs"])
+    assert a["segment_ids"].max() >= 2  # packed: several segments a row
+    starts = np.diff(a["segment_ids"], axis=1) != 0
+    assert np.all(a["positions"][:, 1:][starts & (a["segment_ids"][:, 1:] > 0)] == 0)  # positions restart
+    assert (a["segment_ids"][-1] == 0).any() and (a["weights"][a["segment_ids"] == 0] == 0).all()
+    p = pair_batch(dataclasses.replace(spec, task="prefopt"), 100, 1)
+    assert p["input_ids"].shape == (6, 64)
+    ctx = np.argmax(p["span_mask"], axis=1)
+    for i in range(3):  # a pair shares its context, chosen row i and rejected row 3 + i
+        n = min(ctx[i], ctx[3 + i])
+        assert np.array_equal(p["input_ids"][i, :n], p["input_ids"][3 + i, :n])
+    assert batch(dataclasses.replace(spec, task="prefopt"), 100, 1).keys() == p.keys()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt5"], "not a named shape"),
+    (["--attention", "flash"], "unknown"),
+    (["--task", "rl"], "--task 'rl' unknown"),
+    (["--steps", "1"], "at least 2"),
+])
+def test_bad_input(args, message, capsys):
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_torch_missing(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["bench", "--torch"]) == 2
+    assert "--torch needs PyTorch" in capsys.readouterr().err
+
+
+def test_backend_without_hardware(capsys):
+    # the JAX side's own process refuses cudnn on a CPU before building anything
+    assert main(["bench", "--attention", "cudnn", "--steps", "2", "--seq", "16", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'cudnn' needs a GPU" in err and "'cpu'" in err
