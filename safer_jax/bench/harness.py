@@ -78,7 +78,7 @@ def run_bench(spec: BenchSpec, with_torch: bool = False, json_path: str | None =
     spec_path.write_text(spec.to_json())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    record: dict[str, Any] = {"jax": None, "torch": None, "device": None, "versions": versions(),
+    record: dict[str, Any] = {"jax": None, "torch": None, "torch_compile": None, "device": None, "versions": versions(),
                               "command": command, "spec": dataclasses.asdict(spec),
                               "load_average": list(os.getloadavg())}
 
@@ -91,9 +91,13 @@ def run_bench(spec: BenchSpec, with_torch: bool = False, json_path: str | None =
         record["jax"] = _side("jax_side", spec_path, tmp / "jax.json", env)
         record["device"] = record["jax"]["device"]
         save()
-        if with_torch or spec.torch_compile:
-            record["torch"] = _side("torch_side", spec_path, tmp / "torch.json", env)
-            record["jax_over_torch"] = record["jax"]["tokens_per_s"] / record["torch"]["tokens_per_s"]
+        sides = ([("torch", False)] if with_torch else []) + ([("torch_compile", True)] if spec.torch_compile else [])
+        for name, compiled in sides:  # eager, then torch.compile, on the same weights and batches
+            side_spec = tmp / f"{name}_spec.json"
+            side_spec.write_text(dataclasses.replace(spec, torch_compile=compiled).to_json())
+            record[name] = _side("torch_side", side_spec, tmp / f"{name}.json", env)
+            record[f"jax_over_{name}"] = record["jax"]["tokens_per_s"] / record[name]["tokens_per_s"]
+            save()
         record["load_average_after"] = list(os.getloadavg())
         save()
     finally:
@@ -107,7 +111,7 @@ def table(record: dict[str, Any]) -> str:
     rows = [("tokens", "{:d}"), ("tokens_per_s", "{:.1f}"), ("step_s", "{:.3f}"), ("first_loss", "{:.6f}"),
             ("peak_memory_bytes", "{:,}"), ("flops_per_step", "{:.4g}"), ("achieved_tflops", "{:.4f}"), ("mfu", "{:.1%}"),
             ("threads", "{}")]
-    sides = [s for s in ("jax", "torch") if record.get(s)]
+    sides = [s for s in ("jax", "torch", "torch_compile") if record.get(s)]
     head = f"| {'':18} | " + " | ".join(f"{s:>16}" for s in sides) + " |"
     lines = [head, "|" + "-" * 20 + "|" + "|".join("-" * 18 for _ in sides) + "|"]
     for key, fmt in rows:
@@ -116,6 +120,7 @@ def table(record: dict[str, Any]) -> str:
             v = record[s].get(key)
             cells.append(f"{'-' if v is None else fmt.format(v):>16}")
         lines.append(f"| {key:18} | " + " | ".join(cells) + " |")
-    if "jax_over_torch" in record:
-        lines.append(f"JAX / torch tokens/s: {record['jax_over_torch']:.2f}x on {record['device']}")
+    for name in ("torch", "torch_compile"):
+        if f"jax_over_{name}" in record:
+            lines.append(f"JAX / {name} tokens/s: {record[f'jax_over_{name}']:.2f}x on {record['device']}")
     return "\n".join(lines)
