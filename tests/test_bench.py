@@ -1,6 +1,7 @@
 """The benchmark harness: both sides do the same work, and bad input gets a clear error."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,31 @@ def test_backend_without_hardware(capsys):
     assert main(["bench", "--attention", "cudnn", "--steps", "2", "--seq", "16", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "'cudnn' needs a GPU" in err and "'cpu'" in err
+
+
+def test_record_and_table(monkeypatch, tmp_path):
+    """The harness's record: both sides, device, versions, command, ratios; written as each side lands."""
+    import json
+
+    from safer_jax.bench import harness
+
+    written = []
+
+    def fake_side(module, spec_path, out_path, env):
+        spec = json.loads(spec_path.read_text())
+        if Path(tmp_path / "rec.json").exists():
+            written.append(json.loads((tmp_path / "rec.json").read_text()))
+        tps = {"jax_side": 200.0}.get(module, 100.0 if not spec["torch_compile"] else 400.0)
+        return {"tokens": 10, "tokens_per_s": tps, "step_s": 0.1, "first_loss": 1.0, "peak_memory_bytes": 5,
+                "flops_per_step": 1e9, "achieved_tflops": 0.01, "mfu": None, "threads": 2, "device": "cpu: cpu"}
+
+    monkeypatch.setattr(harness, "_side", fake_side)
+    spec = BenchSpec(torch_compile=True)
+    rec = harness.run_bench(spec, with_torch=True, json_path=str(tmp_path / "rec.json"), command="safer-jax bench")
+    assert {"jax", "torch", "torch_compile", "device", "versions", "command"} <= rec.keys()
+    assert rec["jax_over_torch"] == 2.0 and rec["jax_over_torch_compile"] == 0.5
+    assert rec["versions"]["jax"] and rec["command"] == "safer-jax bench" and rec["device"] == "cpu: cpu"
+    assert written[0]["jax"] is not None and written[0]["torch"] is None  # JAX's figures were on disk first
+    assert json.loads((tmp_path / "rec.json").read_text())["torch_compile"]["tokens_per_s"] == 400.0
+    text = harness.table(rec)
+    assert "tokens_per_s" in text and "JAX / torch tokens/s: 2.00x" in text

@@ -129,7 +129,12 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         losses.append(loss)
         log(f"step {i + 1}/{spec.steps} loss {loss:.6f} {times[-1]:.3f}s")
     if spec.profile:
+        from safer_jax.bench.profile import format_top_ops, top_ops
+
         jax.profiler.stop_trace()
+        table = format_top_ops(top_ops(Path(spec.profile) / "jax_trace"), compiled.as_text())
+        (Path(spec.profile) / f"jax_{spec.task}_top_ops.md").write_text(table + "\n")
+        log(f"top ops of the timed steps (also in {spec.profile}):\n{table}")
     peak, source = peak_memory()
     return summarize(spec, cfg, times, losses, real_tokens=sum(real[1:]), loss_tokens=sum(loss_toks[1:]),
                      peak_memory=peak, device_name=device_name(), peak_memory_source=source,
