@@ -112,3 +112,17 @@ def test_record_and_table(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "rec.json").read_text())["torch_compile"]["tokens_per_s"] == 400.0
     text = harness.table(rec)
     assert "tokens_per_s" in text and "JAX / torch tokens/s: 2.00x" in text
+
+
+def test_mfu_only_where_the_peak_is_known():
+    from safer_jax.bench.work import flops_per_step, hf_shape, summarize
+    from safer_jax.bench.shapes import SHAPES
+
+    cfg = hf_shape(SHAPES["llama3.2-1b"])
+    spec = BenchSpec(model="llama3.2-1b", seq=2048, batch=4, dtype="bfloat16", steps=3)
+    rec = summarize(spec, cfg, [9.0, 1.0, 1.0], [2.0, 1.9, 1.8], 1, 1, None, "cuda: NVIDIA H100 80GB HBM3")
+    assert rec["tokens"] == 2 * 4 * 2048 and rec["step_s"] == 1.0
+    assert abs(rec["mfu"] - flops_per_step(spec, cfg) / 989e12) < 1e-12
+    assert summarize(spec, cfg, [9.0, 1.0], [2.0, 1.9], 1, 1, None, "cpu")["mfu"] is None
+    # 6N + 6LTHDh per token with N = matmul parameters: the 1B shape's N is 1.24e9 (tied lm_head counted once)
+    assert abs(flops_per_step(spec, cfg) / (4 * 2048) - (6 * 1.2358e9 + 6 * 16 * 2048 * 32 * 64)) < 1e8

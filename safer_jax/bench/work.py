@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from safer_jax.metrics import PEAK_TFLOPS, flops_per_token
+from safer_jax.metrics import device_peak_tflops, flops_per_token
 
 TASKS = ("sft", "prefopt")
 DTYPES = ("float32", "bfloat16")
@@ -145,11 +145,7 @@ def hf_shape(hf: dict[str, Any]) -> SimpleNamespace:
 
 def peak_tflops(device_name: str) -> float | None:
     """bf16 dense peak of a device named like `NVIDIA H100 80GB HBM3` or `TPU v5p`, None if unknown."""
-    name = device_name.lower()
-    for key, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key in name:
-            return peak
-    return None
+    return device_peak_tflops(SimpleNamespace(device_kind=device_name))
 
 
 def summarize(spec: BenchSpec, cfg: Any, step_times: list[float], losses: list[float], real_tokens: int,
