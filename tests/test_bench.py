@@ -126,3 +126,19 @@ def test_mfu_only_where_the_peak_is_known():
     assert summarize(spec, cfg, [9.0, 1.0], [2.0, 1.9], 1, 1, None, "cpu")["mfu"] is None
     # 6N + 6LTHDh per token with N = matmul parameters: the 1B shape's N is 1.24e9 (tied lm_head counted once)
     assert abs(flops_per_step(spec, cfg) / (4 * 2048) - (6 * 1.2358e9 + 6 * 16 * 2048 * 32 * 64)) < 1e8
+
+
+def test_top_ops_of_a_trace(tmp_path):
+    import gzip
+    import json
+
+    from safer_jax.bench.profile import format_top_ops, top_ops
+
+    events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 3000}, {"ph": "X", "name": "ynn_fusion.3", "dur": 1000},
+              {"ph": "X", "name": "copy_fusion", "dur": 2000}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6}]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    rows = top_ops(tmp_path)
+    assert rows == [("ynn_fusion.3", 4.0, 2), ("copy_fusion", 2.0, 1)]  # wrappers left out
+    hlo = '  %ynn_fusion.3 = f32[8,4]{1,0} fusion(%a), metadata={op_name="jit(f)/BTD,DF->BTF/dot_general"}'
+    assert "f32[8,4]{1,0}" in format_top_ops(rows, hlo) and "BTD,DF->BTF" in format_top_ops(rows, hlo)
