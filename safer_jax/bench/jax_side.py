@@ -80,7 +80,6 @@ def span_sums(spec: BenchSpec, graphdef: Any, params: Any, b: dict[str, Any]) ->
 def run(spec: BenchSpec) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from safer_jax.models import save_pretrained
