@@ -335,6 +335,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """JAX step against transformers (+ TRL) in PyTorch on the same work; table and JSON record."""
+    from safer_jax.bench import BenchSpec, run_bench, table
+
+    spec = BenchSpec(model=args.model, task=args.task, seq=args.seq, batch=args.batch, dtype=args.dtype,
+                     steps=args.steps, seed=args.seed, lr=args.lr, attention=args.attention,
+                     torch_compile=args.torch_compile, profile=args.profile or "")
+    record = run_bench(spec, with_torch=args.torch, json_path=args.json,
+                       command=" ".join(["safer-jax", *sys.argv[1:]]))
+    print(table(record))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safer-jax", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log loading progress")
@@ -437,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sampling_flags(ev, 256)
     ev.set_defaults(fn=cmd_eval)
+
+    be = sub.add_parser("bench", help="throughput: the JAX step against PyTorch (transformers, TRL) on the same work")
+    be.add_argument("--model", default="tiny",
+                    help="tiny, smollm2, llama3.2-1b, qwen2.5-1.5b, llama3.1-8b (random weights) or a HF folder")
+    be.add_argument("--task", default="sft", help="sft or prefopt (sigmoid DPO, frozen reference)")
+    be.add_argument("--seq", type=int, default=512)
+    be.add_argument("--batch", type=int, default=4, help="rows (sft) or pairs (prefopt) per step")
+    be.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16 (float32 parameters)")
+    be.add_argument("--steps", type=int, default=4, help="steps per side; step 1 is the untimed warm-up")
+    be.add_argument("--torch", action="store_true", help="also run the PyTorch eager baseline")
+    be.add_argument("--torch-compile", action="store_true", help="the PyTorch baseline under torch.compile")
+    be.add_argument("--attention", default="xla", help="JAX attention backend: xla, jax, cudnn (GPU), splash (TPU)")
+    be.add_argument("--profile", default=None, metavar="DIR", help="write a jax.profiler trace and the compiled HLO")
+    be.add_argument("--json", default=None, metavar="FILE", help="write the record here")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--lr", type=float, default=1e-4)
+    be.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="align the embedded default end to end: eval, SFT, preference, eval, report")
     d.add_argument("--run-dir", default=None, help="run folder (default runs/demo; an existing one resumes)")

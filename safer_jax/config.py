@@ -166,6 +166,7 @@ class DataConfig:
     batch_size: int = 8  # global, in examples (packed rows for SFT, pairs for preference)
     pack: bool = True
     packing_bins: int = 16
+    length_buckets: int = 0  # preference: 0 = rows of seq_len; n = rows of the shortest of n lengths that fits
     seed: int = 0
     skip_invalid: bool = False
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -182,9 +183,29 @@ def _tiled_bwd(chunk: int, vocab_chunk: int, vocab_blocks: int, res: tuple[jax.A
 _tiled_token_logps.defvjp(_tiled_fwd, _tiled_bwd)
 
 
+DENSE_LOGITS_BYTES_CPU = 1 << 30  # on CPU, logits up to this size are formed whole (see `_dense_token_logps`)
+
+
+def _dense_token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array) -> jax.Array:
+    """One tile covering everything: plain autodiff of the full logits. The backward pass then
+    reuses the forward's softmax, where the tiled VJP recomputes the logits (a fourth
+    `[B*T, D] x [D, V]` product) and copies weight tiles; used on CPU when the whole
+    `[B, T, V]` fits `DENSE_LOGITS_BYTES_CPU` (the profile in docs/benchmarks.md)."""
+    acc = jnp.promote_types(hidden.dtype, jnp.float32)
+    logits = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=acc)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _auto_vocab_chunk(b: int, t: int, v: int, dtype: Any) -> int:
+    """8192 columns a tile, or the whole vocabulary on CPU when the full logits are small enough."""
+    full = b * t * v * jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    return v if jax.default_backend() == "cpu" and full <= DENSE_LOGITS_BYTES_CPU else 8192
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size", "vocab_chunk", "vocab_blocks"))  # one compile when eager
 def token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int = 512,
-                vocab_chunk: int = 8192, vocab_blocks: int = 16) -> jax.Array:
+                vocab_chunk: int | None = None, vocab_blocks: int = 16) -> jax.Array:
     """log p(targets) `[B, T]` (float32, or float64 for float64 inputs) from hidden `[B, T, D]`,
     output weights `[D, V]` and integer targets `[B, T]`.
 
@@ -194,8 +215,15 @@ def token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size:
     B*T*V. Neither T nor V needs to divide by its chunk. A tile's columns are
     `vocab_chunk / S` contiguous ids from each of S = gcd(V, vocab_blocks) equal blocks of
     the vocabulary, so vocabulary-sharded weights (up to S ways) are tiled without a
-    gather. w is cast to hidden's dtype.
+    gather. w is cast to hidden's dtype. `vocab_chunk=None` is 8192, or on CPU the whole
+    vocabulary when the full logits fit `DENSE_LOGITS_BYTES_CPU`; when one tile covers
+    everything (chunk_size >= T and vocab_chunk >= V) the logits are formed whole.
     """
+    b, t, _ = hidden.shape
+    v = w.shape[1]
+    vocab_chunk = _auto_vocab_chunk(b, t, v, hidden.dtype) if vocab_chunk is None else vocab_chunk
+    if chunk_size >= t and vocab_chunk >= v:
+        return _dense_token_logps(hidden, w.astype(hidden.dtype), targets)
     return _tiled_token_logps(hidden, w.astype(hidden.dtype), targets, chunk_size, vocab_chunk, vocab_blocks)
 
 

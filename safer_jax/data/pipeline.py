@@ -42,6 +42,7 @@ class PipelineConfig:
     packing_bins: int = 16
     process_index: int = 0
     process_count: int = 1
+    length_buckets: int = 0  # preference rows: 0 = every row seq_len long; n = n row lengths up to seq_len
 
 
 def load_traces(path: str | Path, rules: RuleBook | None = None, fmt: TraceFormat = TraceFormat(),
@@ -188,6 +189,8 @@ def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineCo
     if ref_logps is not None and len(ref_logps) != len(pairs):
         raise ValueError(f"ref_logps has {len(ref_logps)} rows for {len(pairs)} pairs")
     items = [(i, p, None if ref_logps is None else ref_logps[i]) for i, p in enumerate(pairs)]
+    if cfg.length_buckets:
+        return _bucketed_pairs(items, ct, cfg, stats, with_index)
     ds = _base(items, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
     return ds.batch(cfg.batch_size, drop_remainder=drop_remainder).map(_StackPairs(with_index))
 
@@ -202,6 +205,71 @@ def drop_unfit_pairs(pairs: list[StepPair], ct: ChatTokenizer, seq_len: int, log
     if not kept:
         raise DataError(f"no pair fits data.seq_len={seq_len}")
     return kept
+
+
+# ---------------------------------------------------------------- length buckets (preference)
+
+
+def bucket_lengths(seq_len: int, n: int, multiple: int = 64) -> tuple[int, ...]:
+    """n row lengths up to seq_len, evenly spaced and rounded up to `multiple`; the last is seq_len."""
+    out = {min(seq_len, -(-(seq_len * k // n) // multiple) * multiple) for k in range(1, n + 1)}
+    return tuple(sorted(out | {seq_len}))
+
+
+def plan_buckets(lengths: np.ndarray, buckets: tuple[int, ...], batch: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """Global batches `(row length, pair indices [batch])`, every pair in the shortest bucket
+    that holds both its rows. A bucket's leftover pairs (fewer than a batch) move up to the
+    next bucket; the last bucket's leftover is dropped. Batch order is shuffled by `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    which = np.searchsorted(np.asarray(buckets), lengths)  # first bucket >= length
+    carry = np.zeros(0, np.int64)
+    plan = []
+    for b, length in enumerate(buckets):
+        pool = np.concatenate([carry, rng.permutation(np.nonzero(which == b)[0])])
+        full = len(pool) // batch * batch
+        plan += [(length, pool[i:i + batch]) for i in range(0, full, batch)]
+        carry = pool[full:]
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+class _BucketBatch(grain.transforms.Map):
+    """(row length, this process's items) -> one stacked `[2b, L]` batch."""
+
+    def __init__(self, ct: ChatTokenizer, stats: TruncationStats, with_index: bool):
+        self.ct, self.stats, self.stack = ct, stats, _StackPairs(with_index)
+
+    def map(self, planned: tuple[int, list[Any]]) -> dict[str, np.ndarray]:
+        length, items = planned
+        tok = _TokenizePair(self.ct, length, self.stats)  # a bucket holds its pairs: only seq_len truncates
+        rows = [tok.map(it) for it in items]
+        return self.stack.map({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+
+def _bucketed_pairs(items: list[Any], ct: ChatTokenizer, cfg: PipelineConfig, stats: TruncationStats,
+                    with_index: bool) -> grain.IterDataset:
+    """Preference batches whose row length is the shortest of `cfg.length_buckets` buckets that
+    holds every pair in the batch (each pair tokenized once here to learn its length). The
+    global batch is planned once so that every process gets the same row length at each step.
+    """
+    lengths = np.asarray([max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
+                          for enc in (encode_pair(ct, p, where=p.id) for _, p, _ in items)])
+    buckets = bucket_lengths(cfg.seq_len, cfg.length_buckets)
+    glob = cfg.batch_size * cfg.process_count
+    plan = plan_buckets(np.minimum(lengths, cfg.seq_len), buckets, glob, cfg.seed)
+    if not plan:
+        raise DataError(f"{len(items)} pairs do not fill one batch of {glob}")
+    lo = cfg.process_index * cfg.batch_size
+    local = [(length, [items[i] for i in idx[lo:lo + cfg.batch_size]]) for length, idx in plan]
+    ds = grain.MapDataset.source(local)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    return ds.repeat(cfg.num_epochs).map(_BucketBatch(ct, stats, with_index)).to_iter_dataset()
+
+
+def padding_fraction(batch: dict[str, np.ndarray]) -> float:
+    """Share of a batch's positions that are padding (segment 0)."""
+    return float(np.mean(np.asarray(batch["segment_ids"]) == 0))
 
 
 def is_trace_record(obj: dict[str, Any]) -> bool:

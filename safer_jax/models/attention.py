@@ -3,11 +3,31 @@
 The mask is causal by token index, restricted to the same segment (segment id 0 is padding
 and is never attended to), and optionally to a sliding window (`q - kv < window`, as
 transformers). Fully masked query rows (padding) get finite scores, so no NaN appears.
+
+Backends:
+- `xla` (the reference, what CPU tests run) and `jax` (`jax.nn.dot_product_attention`'s
+  XLA path) take the dense `[B, T, S]` mask.
+- `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")` with cuDNN's causal
+  mask type (the upper triangle is never computed), the rows' real lengths as
+  `query_seq_lengths` / `key_value_seq_lengths` (padding skipped) and the window as
+  `local_window_size`. The public API has no segment ids, so packed rows (several segments)
+  add a same-segment mask, which cuDNN applies as a bias; `cudnn_rows` omits it, for
+  batches of one segment a row (preference pairs, unpacked SFT).
+- `splash` (TPU): Pallas splash attention, a causal (or local, for a window) lazy mask with
+  segment ids, grouped-query heads as its MQA kernel vmapped over kv heads. On CPU it runs in
+  Pallas interpret mode (tests), never for speed.
+
+The fused backends serve the training and prefill forward (`T == S`, index = position in
+the row, as `Decoder.hidden_states` passes it); a KV-cache decode step (`T != S`) runs the
+`xla` path whatever the backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +49,32 @@ def attention_mask(
     return mask & ((window <= 0) | in_window)
 
 
-def _xla_attention(q, k, v, mask):
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What a backend may use besides q, k, v: segment ids, indices `[B, T]` / `[B, S]`, window."""
+
+    q_segment_ids: jax.Array
+    kv_segment_ids: jax.Array
+    q_index: jax.Array
+    kv_index: jax.Array
+    window: jax.Array | int
+
+    def mask(self) -> jax.Array:
+        return attention_mask(self.q_segment_ids, self.kv_segment_ids, self.q_index, self.kv_index, self.window)
+
+    def static_window(self) -> int | None:
+        """The window as a Python int (0 = none), or None when it is traced (scanned layers)."""
+        if isinstance(self.window, int):
+            return self.window
+        try:
+            return int(self.window)
+        except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+            return None
+
+
+def _xla_attention(q, k, v, inp: AttentionInputs):
     """Reference backend: explicit einsums, softmax in float32 (what CPU tests run)."""
+    mask = inp.mask()
     b, t, n, h = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, h)
@@ -43,16 +87,92 @@ def _xla_attention(q, k, v, mask):
     return out.reshape(b, t, n, h)
 
 
-def _jax_attention(q, k, v, mask, implementation=None):
-    """`jax.nn.dot_product_attention` (XLA everywhere; `cudnn` picks the fused GPU kernel)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation=implementation)
+def _jax_attention(q, k, v, inp: AttentionInputs):
+    """`jax.nn.dot_product_attention`'s XLA path with the dense mask."""
+    return jax.nn.dot_product_attention(q, k, v, mask=inp.mask()[:, None, :, :])
+
+
+def cudnn_arguments(inp: AttentionInputs, packed: bool = True) -> dict[str, Any]:
+    """Keyword arguments of `jax.nn.dot_product_attention` for the cuDNN kernel: causal mask
+    type, real row lengths (padding is segment 0 at the end of a row), the window, and with
+    `packed` a same-segment mask `[B, 1, T, S]` for rows that hold several segments."""
+    window = inp.static_window()
+    if window is None:
+        raise ValueError("attention 'cudnn' needs a static sliding window: set model.scan_layers=false for "
+                         "models whose layers use different windows")
+    kw: dict[str, Any] = {
+        "is_causal": True,
+        "query_seq_lengths": (inp.q_segment_ids != 0).sum(-1).astype(jnp.int32),
+        "key_value_seq_lengths": (inp.kv_segment_ids != 0).sum(-1).astype(jnp.int32),
+    }
+    if window > 0:
+        kw["local_window_size"] = (window - 1, 0)  # q - kv < window: window - 1 keys to the left
+    if packed:
+        kw["mask"] = (inp.q_segment_ids[:, :, None] == inp.kv_segment_ids[:, None, :])[:, None]
+    return kw
+
+
+def _cudnn_attention(q, k, v, inp: AttentionInputs, packed: bool = True, implementation: str | None = "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **cudnn_arguments(inp, packed))
+
+
+def _splash_kernel(t: int, heads: int, window: int, interpret: bool) -> Any:
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if window > 0:
+        one = sa.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+    else:
+        one = sa.CausalMask((t, t))
+    block = min(512, t)
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return sa.make_splash_mqa_single_device(sa.MultiHeadMask([one] * heads), block_sizes=sizes, interpret=interpret)
+
+
+def _splash_attention(q, k, v, inp: AttentionInputs, interpret: bool | None = None):
+    """Splash attention: per example and kv head, the MQA kernel over that head's query group."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    window = inp.static_window()
+    if window is None:
+        raise ValueError("attention 'splash' needs a static sliding window: set model.scan_layers=false for "
+                         "models whose layers use different windows")
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    if t % 128 and t > 128:
+        raise ValueError(f"attention 'splash': sequence length {t} must be a multiple of 128")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    kernel = _splash_kernel(t, n // kv, window, interpret)
+    qg = (q * (h ** -0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+
+    def one(qe, ke, ve, seg):  # [K, G, T, H], [K, S, H], [K, S, H], [T]
+        ids = sa.SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qe, ke, ve)
+
+    out = jax.vmap(one)(qg, kt, vt, inp.q_segment_ids)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 ATTENTION_BACKENDS: dict[str, Callable] = {
     "xla": _xla_attention,
     "jax": _jax_attention,
-    "cudnn": lambda q, k, v, mask: _jax_attention(q, k, v, mask, implementation="cudnn"),
+    "cudnn": _cudnn_attention,
+    "cudnn_rows": functools.partial(_cudnn_attention, packed=False),
+    "splash": _splash_attention,
 }
+FUSED = ("cudnn", "cudnn_rows", "splash")  # training/prefill kernels (T == S)
+HARDWARE = {"cudnn": ("gpu",), "cudnn_rows": ("gpu",), "splash": ("tpu",)}  # backends that need an accelerator
+
+
+def require_hardware(backend: str, platform: str | None = None) -> None:
+    """Raise a clear error for an unknown backend, or one whose hardware is absent."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
+    platform = platform or jax.default_backend()
+    if backend in HARDWARE and platform not in HARDWARE[backend]:
+        raise ValueError(f"attention backend {backend!r} needs a {' or '.join(HARDWARE[backend]).upper()}; "
+                         f"this process runs on {platform!r} (use attention 'xla' here)")
 
 
 def attention(
@@ -69,5 +189,9 @@ def attention(
     """Grouped-query attention `[B, T, N, H]`; K must divide N."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window)
-    return ATTENTION_BACKENDS[backend](q, k, v, mask)
+    if backend in FUSED and q.shape[1] != k.shape[1]:
+        backend = "xla"  # a KV-cache decode step: the fused kernels here are for the full forward
+    if backend in ("cudnn", "cudnn_rows"):
+        require_hardware(backend)  # the splash backend may run in interpret mode on CPU (tests)
+    inp = AttentionInputs(q_segment_ids, kv_segment_ids, q_index, kv_index, window)
+    return ATTENTION_BACKENDS[backend](q, k, v, inp)

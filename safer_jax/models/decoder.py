@@ -163,12 +163,15 @@ class DecoderLayers(nnx.Module):
         fn = functools.partial(layer_forward, cfg, mesh)
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
+            static = (6,) if (not cfg.scan_layers or len(set(cfg.sliding_windows)) == 1) else ()  # the window
+            fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=static)
         if cfg.scan_layers:
             windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
+            same = len(set(cfg.sliding_windows)) == 1  # one window for all layers: static (fused kernels need it)
 
             def body(carry, layer):
                 p, window = layer
+                window = cfg.sliding_windows[0] if same else window
                 return fn(p, carry, sin, cos, segment_ids, index, window), None
 
             x, _ = jax.lax.scan(body, x, (params, windows))

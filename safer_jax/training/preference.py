@@ -80,7 +80,7 @@ def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: 
     out = {k: s / d for k, (s, d) in metrics.items()}
     bad = ~(jnp.isfinite(out["loss"]) & jnp.isfinite(grad_norm))
     new = apply_gradients(state, grads, tx, bad & skip_nonfinite)
-    out.update(grad_norm=grad_norm, nonfinite=bad)
+    out.update(grad_norm=grad_norm, nonfinite=bad, padding=jnp.mean(batch["segment_ids"] == 0))
     return new, out
 
 

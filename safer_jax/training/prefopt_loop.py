@@ -139,7 +139,8 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
             ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
     n_proc = jax.process_count()
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
-                          process_index=jax.process_index(), process_count=n_proc)
+                          process_index=jax.process_index(), process_count=n_proc,
+                          length_buckets=cfg.data.length_buckets)
     stats = TruncationStats()
     train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))
     tx = make_optimizer(cfg.optimizer, tc.steps)
@@ -160,8 +161,17 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     extra = (ref_params,) if ref_params is not None else ()
 
     def compile_fn(state: Any, batch: dict[str, jax.Array]) -> Any:
-        compiled = compile_step(preference_step, state, batch, mesh, log=say, extra=extra, **static)
-        return (lambda s, b: compiled(s, b, *extra)) if extra else compiled
+        compiled: dict[tuple[int, ...], Any] = {}  # one per row length (data.length_buckets)
+
+        def step(s: Any, b: dict[str, jax.Array]) -> Any:
+            shape = b["input_ids"].shape
+            if shape not in compiled:
+                compiled[shape] = compile_step(preference_step, s, b, mesh, log=say, extra=extra, **static)
+            return compiled[shape](s, b, *extra)
+
+        compiled[batch["input_ids"].shape] = compile_step(preference_step, state, batch, mesh, log=say, extra=extra,
+                                                          **static)  # the first shape ahead of time; others lazily
+        return step
 
     spec = LoopSpec(
         name="prefopt",
@@ -169,7 +179,7 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
         flops_per_token=flops_per_token(mcfg, cfg.data.seq_len, reference_forward=ref_params is not None),
         tokens_per_step=2 * cfg.data.batch_size * cfg.data.seq_len,  # chosen and rejected rows
         line=lambda m: (f"loss {m['loss']:.4f} margin {m['rewards/margin']:.3f} acc {m['rewards/accuracy']:.2f} "
-                        f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f}"),
+                        f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f} padding {m['padding']:.0%}"),
     )
     say(f"setup {time.time() - t_setup:.1f}s")
     out = run_loop(spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=env["graphdef"],
