@@ -396,21 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _maybe_init_distributed() -> None:
-    """Multi-host runs (TPU pods, multi-node GPU): SAFER_JAX_DISTRIBUTED=1 calls
-    jax.distributed.initialize(), which reads the coordinator from the environment
-    (Cloud TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    import os
-
-    if os.environ.get("SAFER_JAX_DISTRIBUTED") == "1":
-        import jax
-
-        jax.distributed.initialize()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _maybe_init_distributed()
+    from safer_jax.distributed import DistributedError, initialize
+
+    try:
+        initialize(log=lambda m: print(m, flush=True))  # SAFER_JAX_DISTRIBUTED=1: join the job first
+    except DistributedError as e:
+        print(f"safer-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
