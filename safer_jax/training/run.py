@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from safer_jax.config import ModelConfig, to_dict
+from safer_jax.sharding import batch_ways as sharding_batch_ways
 
 TINY_PREFIX = "tiny"
 EMBEDDED = "smollm2"
@@ -106,10 +107,10 @@ def check_batch(cfg: Any, mesh: Any) -> None:
     if bs % (n_proc * accum):
         raise ValueError(f"data.batch_size={bs} must be divisible by processes ({n_proc}) x "
                          f"train.grad_accum ({accum})")
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_ways = sharding_batch_ways(mesh)
     if bs % batch_ways or (bs // accum) % batch_ways:
         msg = (f"data.batch_size={bs} (and each of train.grad_accum={accum} microbatches) is not divisible by "
-               f"mesh data x fsdp = {batch_ways}")
+               f"mesh dcn x data x fsdp = {batch_ways}")
         if n_proc > 1:  # each process feeds distinct rows: the batch must split over the batch axes
             raise ValueError(msg)
         log.warning("%s: the batch is replicated over those axes (correct, but every device computes it all)", msg)
