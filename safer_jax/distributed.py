@@ -24,6 +24,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax  # importing touches no device: initialize() must still run before any device is used
+import numpy as np
+
 ENABLE = "SAFER_JAX_DISTRIBUTED"
 TIMEOUT = "SAFER_JAX_INIT_TIMEOUT"
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -120,8 +123,6 @@ def initialize(env: Mapping[str, str] | None = None, log: Any = print) -> StartS
     if spec.method == "explicit" and spec.kwargs["process_id"] != 0:
         waited = wait_for_coordinator(spec.kwargs["coordinator_address"], spec.kwargs["initialization_timeout"])
         spec.kwargs["initialization_timeout"] = max(1, int(spec.kwargs["initialization_timeout"] - waited))
-    import jax
-
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; ignored on GPU/TPU
     try:
         jax.distributed.initialize(**spec.kwargs)
@@ -134,3 +135,43 @@ def initialize(env: Mapping[str, str] | None = None, log: Any = print) -> StartS
     log(f"distributed: {spec.describe()}: process {jax.process_index()}/{jax.process_count()}, "
         f"{jax.local_device_count()} local of {jax.device_count()} devices")
     return spec
+
+
+# ------------------------------------------------------------------ agreement between processes
+# Every decision that ends or branches a multi-process run is made once and agreed, so no
+# process enters a collective (a save, a step, a reference forward) that the others skip.
+
+
+def agree_flags(*flags: bool) -> tuple[bool, ...]:
+    """Each flag is true on every process when it is true on any (one small all-gather)."""
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))  # [P, n]
+    return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).max(axis=0))
+
+
+def from_process_0(value: Any) -> Any:
+    """Process 0's value of a small pytree of numbers, on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
+                        multihost_utils.broadcast_one_to_all(value))
+
+
+def check_same(value: str, what: str) -> None:
+    """Fail on every process, naming `what`, if the processes hold different `value`s."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+    gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    if len(set(gathered.tolist())) > 1:
+        raise DistributedError(f"processes disagree on {what} (this process: {value!r}); every host must see the "
+                               "same files and settings")
