@@ -5,21 +5,28 @@ folder and renames it when complete, so `latest_step()` only ever sees complete
 checkpoints: a process killed mid-save resumes from the previous one. Restoring takes an
 abstract target (ShapeDtypeStructs with shardings), so a checkpoint restores onto another
 mesh shape.
+
+The folder is an `etils.epath` path: local, or a bucket URL that orbax (through
+tensorstore) writes to directly.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from safer_jax.paths import as_path, is_remote
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
+        # tensorstore needs absolute local paths; bucket URLs stay as given
+        self.directory: epath.Path = as_path(directory if is_remote(directory) else os.path.abspath(directory))
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 

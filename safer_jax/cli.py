@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from safer_jax.models.embedded import smollm2_location
+from safer_jax.paths import as_path
 
 
 def _load_tokenizer(path: str, gguf_file: str | None):
@@ -24,12 +24,13 @@ def _load_tokenizer(path: str, gguf_file: str | None):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from safer_jax.models import from_pretrained, save_pretrained
+    from safer_jax.models import from_pretrained
+    from safer_jax.training.export import save_hf
 
     t0 = time.time()
     model = from_pretrained(args.src, gguf_file=args.gguf_file, dtype=args.dtype)
     tok = _load_tokenizer(args.src, args.gguf_file)
-    out = save_pretrained(model, args.to, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    out = save_hf(model, args.to, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {out} ({model.config.model_type}, {model.config.num_params() / 1e6:.1f}M params, "
           f"{time.time() - t0:.1f}s)")
     return 0
@@ -128,9 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.time()
     results = generate_chat(model, tok, rows, _sampling(args), batch_size=args.batch_size,
                             system_prompt=args.system_prompt)
-    out = Path(args.out)
+    out = as_path(args.out)  # a file path or a bucket URL
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for row, res in zip(rows, results):
             f.write(json.dumps({**row, **res}, ensure_ascii=False) + "\n")
     n = sum(r["completion_tokens"] for r in results)
@@ -156,7 +157,7 @@ def _rules(path: str | None):
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from safer_jax.data.records import SkipReport
-    from safer_jax.data.synthesis import LocalTeacher, OpenAITeacher, TemplateTeacher, load_prompts, synthesize
+    from safer_jax.data.synthesis import OpenAITeacher, TemplateTeacher, load_prompts, synthesize
 
     rules = _rules(args.rules)
     report = SkipReport()
@@ -173,6 +174,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ValueError("--teacher local needs --model (a model folder)")
+        from safer_jax.teacher_local import LocalTeacher
+
         teacher = LocalTeacher(rules, args.model, gguf_file=args.gguf_file)
     res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency)
     print(f"wrote {res.written} traces, {res.rejected} rejects; {res.skipped_done} already done")
@@ -192,9 +195,9 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     report = SkipReport()
     traces = load_traces(args.traces, rules, skip_invalid=args.skip_invalid, report=report)
     pairs = make_pairs(traces, rules, seed=args.seed, span=args.span)
-    out = Path(args.out)
+    out = as_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
     kinds: dict[str, int] = {}

@@ -107,6 +107,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off/true/false as a bool
+            raise ConfigError(f"{key}: expected a string, got the bool {value!r}; quote it in YAML")
         return str(value)
     return value
 
@@ -194,6 +196,7 @@ class PreferenceConfig:
     gamma: float = 0.5  # simpo margin
     rpo_lambda: float = 0.0  # SFT term on the chosen span
     ld_alpha: float = 1.0  # LD-DPO weight of tokens past the shorter span (1 = off)
+    ld_reference: bool = True  # weight the reference's tokens too (TRL 1.16); false = the policy only (TRL 0.x)
     span: str = "step"  # pairs built from traces: step k alone (Step-DPO) | to_end (step k onward)
     reference: str = "cache"  # cache (precomputed, reused across runs) | model (frozen copy on the mesh)
     reference_path: str | None = None  # default: model.path (the policy's starting weights)
@@ -222,8 +225,47 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def field_type(cls: type, dotted: str) -> Any:
+    """The declared type of dotted key `dotted` in dataclass `cls`, or None if it names no field."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    """str, or a union of str with None: an override value is then taken verbatim."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(a is str for a in args)
+    return False
+
+
+def parse_override(cls: type, key: str, value: str) -> Any:
+    """The value of a `key=value` override, read by the field's type: verbatim text for a str field
+    (`#1 rule` and `no` stay strings; `none`/`null` still clear an optional one), YAML otherwise
+    (numbers, bools, lists, mappings; the field's converter then checks the type)."""
+    if _is_text(field_type(cls, key)):
+        return value
+    return yaml_value(value)
+
+
+def yaml_value(value: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(value) if value.strip() else ""
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read yaml `path` (optional), apply `key=value` dotted overrides, build a typed `cls`."""
+    """Read yaml `path` (optional), apply `key=value` dotted overrides (typed by the field, see
+    `parse_override`), build a typed `cls`."""
     import yaml
 
     tree: dict[str, Any] = {}
@@ -241,7 +283,7 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tu
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(tree, key.strip(), parse_override(cls, key.strip(), value))
     try:
         return from_dict(cls, tree)
     except ConfigError as e:

@@ -253,8 +253,19 @@ def _sigmoid_norm(pc, pr, rc, rr, lc, lr, h):
 
 
 def _rdpo(pc, pr, rc, rr, lc, lr, h):
-    # length-regularized DPO (Park et al. 2024): -log sig(Delta - alpha (|y_w| - |y_l|))
-    delta = h["beta"] * ((pc - rc) - (pr - rr)) - h["alpha"] * (lc - lr)
+    """Length-regularized DPO (Park et al. 2024, "Disentangling Length from Quality in DPO").
+
+    The RLHF objective penalises length: max E[r(x, y)] - alpha |y| - beta KL(pi || ref). Its
+    optimum is pi(y) = ref(y) exp((r(x, y) - alpha |y|) / beta) / Z(x), so the reward implied by
+    a policy is r = beta log(pi/ref) + alpha |y| + beta log Z. Under Bradley-Terry (Z cancels):
+
+        loss = -log sig(beta [(logp - ref)(y_w) - (logp - ref)(y_l)] + alpha (|y_w| - |y_l|))
+
+    The length difference is credited to the margin rather than learned: a pair whose chosen
+    span is longer already has a larger margin, so it pushes the policy less (and a pair whose
+    chosen span is shorter pushes it more), which is what moves the policy toward brevity.
+    """
+    delta = h["beta"] * ((pc - rc) - (pr - rr)) + h["alpha"] * (lc - lr)
     return -jax.nn.log_sigmoid(delta), h["beta"] * (pc - rc), h["beta"] * (pr - rr)
 
 

@@ -8,9 +8,13 @@ step with a live reference adds 2 N per token for the reference forward.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from safer_jax.paths import as_path, copy_file, is_remote, upload_dir
 
 # bf16 dense peak TFLOP/s per device
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
@@ -64,22 +68,39 @@ class Throughput:
 
 
 class Tracker:
-    """Writes scalars to a JSONL file and TensorBoard (tensorboardX), on process 0 only."""
+    """Writes scalars to `metrics.jsonl` and TensorBoard (tensorboardX), on process 0 only.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    Both are written on a local disk: the run folder itself, or, when that is a bucket URL,
+    a local staging folder whose files are uploaded whole every `sync_seconds` and on
+    `close` (object stores cannot append, and tensorboardX's own GCS writer is broken). A
+    resumed run downloads the earlier `metrics.jsonl` first, so its rows are kept.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 sync_seconds: float = 30.0):
         self.enabled = enabled
         self.file = None
         self.tb = None
+        self._stage = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.run_dir = as_path(run_dir)
+        self.sync_seconds, self._synced = sync_seconds, time.time()
+        if is_remote(self.run_dir):
+            self._stage = tempfile.TemporaryDirectory(prefix="safer-jax-tracker-")
+            local = Path(self._stage.name)
+            if (self.run_dir / "metrics.jsonl").exists():
+                copy_file(self.run_dir / "metrics.jsonl", local / "metrics.jsonl")
+        else:
+            local = Path(self.run_dir)
+        self.local = local
+        local.mkdir(parents=True, exist_ok=True)
+        self.file = open(local / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(local / "tensorboard"))
             except ImportError:
                 self.tb = None
 
@@ -92,9 +113,28 @@ class Tracker:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+        if self._stage is not None and time.time() - self._synced > self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload the staged files to the run folder (nothing to do for a local run folder)."""
+        if self._stage is None:
+            return
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+        upload_dir(self.local, self.run_dir)
+        self._synced = time.time()
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.file:
+            self.file.flush()
+            if self._stage is not None:
+                upload_dir(self.local, self.run_dir)
+            self.file.close()
+            self.file = None
+        if self._stage is not None:
+            self._stage.cleanup()
+            self._stage = None

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from safer_jax.losses import preference_loss, span_logps, token_logps
+from safer_jax.training.preference import reference_ld_alpha
 
 
 def np_logsig(x):
@@ -27,7 +28,7 @@ def reference_numpy(kind, pc, pr, rc, rr, lc, lr, beta=0.1, eps=0.0, alpha=0.0, 
         d = beta * ((pc / lc - rc / lc) - (pr / lr - rr / lr))
         out = -(1 - eps) * np_logsig(d) - eps * np_logsig(-d)
     elif kind == "rdpo":
-        d = beta * ((pc - rc) - (pr - rr)) - alpha * (lc - lr)
+        d = beta * ((pc - rc) - (pr - rr)) + alpha * (lc - lr)  # Park et al. 2024, eq. 9: the length is credited
         out = -np_logsig(d)
     elif kind == "simpo":
         d = beta * pc / lc - beta * pr / lr - gamma
@@ -88,6 +89,103 @@ def test_bad_arguments():
         preference_loss("sigmoid", x, x, None, None, x + 1, x + 1)
     with pytest.raises(ValueError, match="unknown"):
         preference_loss("kto", x, x, x, x, x + 1, x + 1)
+
+
+def test_rdpo_credits_a_longer_chosen_span_and_its_gradient_matches_finite_differences():
+    """R-DPO per Park et al. (2024): with alpha > 0 a pair whose chosen span is longer has a lower
+    loss than plain DPO (the length difference is credited to the margin), a shorter one a higher."""
+    f = lambda *v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    pc, pr, rc, rr = f(-30.0, -30.0), f(-32.0, -32.0), f(-31.0, -31.0), f(-31.5, -31.5)
+    lc, lr = f(60.0, 20.0), f(20.0, 60.0)  # pair 0: chosen longer; pair 1: chosen shorter
+    dpo, _ = preference_loss("sigmoid", pc, pr, rc, rr, lc, lr)
+    rdpo, _ = preference_loss("rdpo", pc, pr, rc, rr, lc, lr, alpha=0.01)
+    assert float(rdpo[0]) < float(dpo[0]) and float(rdpo[1]) > float(dpo[1])
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        x0 = jnp.asarray(rng.uniform(-60, -5, 8), jnp.float64)  # policy chosen, rejected for 4 pairs
+        ref = jnp.asarray(rng.uniform(-60, -5, 8), jnp.float64)
+        lens = jnp.asarray(rng.integers(5, 80, 8), jnp.float64)
+
+        def total(x):
+            loss, _ = preference_loss("rdpo", x[:4], x[4:], ref[:4], ref[4:], lens[:4], lens[4:], beta=0.2, alpha=0.05)
+            return loss.sum()
+
+        grad = np.asarray(jax.grad(total)(x0))
+        eps = 1e-6
+        fd = [(float(total(x0.at[i].add(eps))) - float(total(x0.at[i].add(-eps)))) / (2 * eps) for i in range(8)]
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+
+
+def _trl_loss(policy_lp, ref_lp, completion, beta, ld_alpha, precomputed_ref=None):
+    """TRL 1.16's `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py, the LD-DPO lines: policy at
+    `logps = shared_logps + self.ld_alpha * tail_logps`, reference at `ref_logps = ref_shared_logps +
+    self.ld_alpha * ref_tail_logps`) run on stub models that return the given per-token log-probs.
+    With `precomputed_ref` (chosen, rejected sums), TRL's precomputed-reference branch is taken."""
+    import types
+    from collections import defaultdict
+    from contextlib import nullcontext
+
+    import torch
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    n, t = completion.shape
+
+    def stub(per_token):
+        out = types.SimpleNamespace(log_probs=torch.tensor(per_token), entropy=torch.zeros(n, t - 1),
+                                    mean_logits=torch.zeros(n, t - 1), is_top1=torch.zeros(n, t - 1, dtype=torch.bool))
+        model = lambda **kw: out  # noqa: E731
+        return types.SimpleNamespace(__call__=model, training=True, is_gradient_checkpointing=False), model
+
+    policy_ns, policy = stub(policy_lp)
+    ref_ns, ref = stub(ref_lp)
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x,
+                                unwrap_model=lambda m: m, autocast=nullcontext)
+    trainer = types.SimpleNamespace(
+        model=policy_ns, ref_model=ref, accelerator=acc, aux_loss_enabled=False, ld_alpha=ld_alpha,
+        precompute_ref_logps=precomputed_ref is not None, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+        loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None), _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
+              "completion_mask": torch.tensor(completion)}
+    if precomputed_ref is not None:
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = (torch.tensor(v) for v in precomputed_ref)
+    loss = DPOTrainer._compute_loss(trainer, policy, inputs, False)
+    return float(loss), trainer._metrics["train"]
+
+
+@pytest.mark.parametrize("ld_alpha", [0.5, 0.0])
+def test_ld_dpo_matches_trl_1_16(ld_alpha):
+    """Span log-probs (`span_logps`, policy and reference as `reference_ld_alpha` says) and the sigmoid
+    loss, as `preference_objective` composes them, against TRL 1.16's DPO trainer on random inputs.
+    TRL weights the reference too (our default, `ld_reference=True`); with precomputed, unweighted
+    reference log-probs TRL weights the policy only, which is our `ld_reference=False`."""
+    rng = np.random.default_rng(11)
+    b, t, beta = 4, 24, 0.1
+    completion = np.zeros((2 * b, t), np.int64)
+    for i in range(2 * b):
+        start = rng.integers(2, 8)
+        completion[i, start:start + rng.integers(3, t - start)] = 1
+    mask = completion[:, 1:].astype(np.float32)  # the scored positions of the shifted targets
+    policy_lp = (rng.uniform(-6, -0.05, (2 * b, t - 1)) * mask).astype(np.float32)
+    ref_lp = (rng.uniform(-6, -0.05, (2 * b, t - 1)) * mask).astype(np.float32)
+
+    def ours(ld_reference):
+        f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        pol, lengths = span_logps(f(policy_lp), f(mask), ld_alpha)
+        ref, _ = span_logps(f(ref_lp), f(mask), reference_ld_alpha(ld_alpha, ld_reference))
+        losses, metrics = preference_loss("sigmoid", pol[:b], pol[b:], ref[:b], ref[b:], lengths[:b], lengths[b:],
+                                          beta=beta)
+        return float(losses.mean()), metrics
+
+    want, trl_metrics = _trl_loss(policy_lp, ref_lp, completion, beta, ld_alpha)
+    got, metrics = ours(ld_reference=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["rewards/margin"][0]) / b, trl_metrics["rewards/margins"][0], rtol=1e-4)
+    plain = (ref_lp * mask).sum(-1)
+    want_policy_only, _ = _trl_loss(policy_lp, ref_lp, completion, beta, ld_alpha, (plain[:b], plain[b:]))
+    np.testing.assert_allclose(ours(ld_reference=False)[0], want_policy_only, rtol=1e-5)
+    assert abs(want_policy_only - want) > 1e-3  # the two conventions differ on these inputs
 
 
 def test_ld_dpo_weighting_matches_numpy():

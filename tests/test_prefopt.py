@@ -126,6 +126,36 @@ def test_changed_pairs_or_reference_invalidate_the_cache(first_run, model_dir, p
     assert len([p for p in (base / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]) == 3
 
 
+def test_cache_key_covers_compute_settings_and_salt():
+    base = dict(dtype="float32", param_dtype=None, attention="xla", span="step", ld_alpha=1.0, ld_reference=True)
+    key = lambda **kw: ref_cache.compute_fingerprint(ref_cache.compute_settings(**{**base, **kw}))  # noqa: E731
+    k0 = key()
+    assert key(dtype="bfloat16") != k0 and key(param_dtype="bfloat16") != k0
+    assert key(attention="cudnn") != k0 and key(salt="other-code-version") != k0 and key(span="to_end") != k0
+    assert key(ld_alpha=0.5) != k0  # LD-DPO weights the reference: its numbers change
+    assert key(ld_alpha=0.5, ld_reference=False) == key(ld_reference=False)  # unweighted reference: one entry
+    assert ref_cache.cache_key("p", "t", "r", key(attention="cudnn")) != ref_cache.cache_key("p", "t", "r", k0)
+
+
+def test_float32_cache_is_not_used_by_bfloat16_and_a_changed_reference_stops_a_resume(first_run, model_dir,
+                                                                                        pairs_file, tmp_path):
+    from safer_jax.training.prefopt_loop import ref_logps_command
+
+    base, res, _ = first_run
+    recorded = json.loads((base / "run1" / "reference.json").read_text())  # written when run1 started
+    assert recorded["key"] == res["cache_key"] and recorded["settings"]["dtype"] == "float32"
+    run = tmp_path / "resumed"
+    shutil.copytree(base / "run1", run)  # a run folder with checkpoints, resumed in bfloat16
+    rows = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ref_cache.ReferenceChanged, match=r"compute differ.*dtype: 'float32' -> 'bfloat16'"):
+        train_prefopt(config(run, model_dir, pairs_file, base / "cache", "train.steps=12", "model.dtype=bfloat16"))
+    assert (run / "metrics.jsonl").read_text() == rows  # nothing trained against the other reference
+    before = ref_cache.REFERENCE_FORWARDS["batches"]
+    _, entry, hit = ref_logps_command(config(tmp_path / "bf16", model_dir, pairs_file, base / "cache",
+                                             "model.dtype=bfloat16"))
+    assert not hit and entry.name != res["cache_key"] and ref_cache.REFERENCE_FORWARDS["batches"] > before
+
+
 def test_prefopt_run_exports_as_a_hf_folder_and_resumes(first_run, model_dir, pairs_file):
     from safer_jax.cli import main
 

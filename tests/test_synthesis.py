@@ -127,7 +127,7 @@ def test_resume_after_a_partial_file(rules, prompts, tmp_path):
 
 def test_local_teacher_writes_or_rejects_every_prompt(rules, prompts, tiny, tmp_path):
     """A (random, tiny) safer_jax model as teacher: its text is parsed and validated like any other."""
-    from safer_jax.data.synthesis import LocalTeacher
+    from safer_jax.teacher_local import LocalTeacher
 
     d, _ = tiny
     teacher = LocalTeacher(rules, str(d), max_new_tokens=4)

@@ -69,3 +69,44 @@ def test_chat_messages_record():
     back = trace_from_record(rec)
     assert back == dataclasses.replace(t, id="m1")
     assert trace_from_record(t.to_json()) == t
+
+
+def test_data_package_imports_no_models_and_no_jax():
+    """`data/` knows no models (the model-running teacher lives in safer_jax/teacher_local.py)."""
+    import ast
+    from pathlib import Path
+
+    import safer_jax.data
+
+    bad = []
+    for f in Path(safer_jax.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{f.name}: {n}" for n in names
+                    if n.split(".")[0] in ("jax", "flax") or n.startswith(("safer_jax.models", "safer_jax.generate"))]
+    assert not bad, bad
+
+
+def test_to_end_rejected_continuation_follows_the_corrupted_step(traces, rules):
+    """A `to_end` rejected text that corrupts the rule or the decision goes on as that mistake implies:
+    a harmful prompt let through complies, a benign one blocked refuses; steps before k are shared,
+    and `step` pairs keep the corrupted step alone."""
+    from safer_jax.data.pairs import make_pairs
+    from safer_jax.evaluation.refusal import classify_refusal
+
+    sample = [t for t in traces if t.label == "harmful"][:4] + [t for t in traces if t.label != "harmful"][:4]
+    to_end = make_pairs(sample, rules, seed=0, span="to_end")
+    step = {p.id: p for p in make_pairs(sample, rules, seed=0, span="step")}
+    label = {t.id: t.label for t in sample}
+    checked = set()
+    for p in to_end:
+        if p.kind not in ("wrong_rule", "wrong_decision", "over_refusal"):
+            continue
+        parsed = parse("".join(p.prefix_steps) + p.rejected)
+        want = "comply" if label[p.id[: -len(p.kind) - 1]] == "harmful" else "refuse"
+        assert parsed.valid and parsed.decision == want, (p.id, parsed)
+        assert classify_refusal(parsed.response).refused is (want == "refuse"), (p.id, parsed.response)
+        assert step[p.id].rejected in p.rejected and step[p.id].prefix_steps == p.prefix_steps
+        checked.add(p.kind)
+    assert checked == {"wrong_rule", "wrong_decision", "over_refusal"}

@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+from etils import epath
+
+from safer_jax.paths import as_path
+
 BUNDLED = Path(__file__).parent / "bundled"
 
 
@@ -13,6 +17,7 @@ def bundled(name: str) -> Path:
     return p
 
 
-def train_file(name: str) -> Path:
-    """`data.train` as a path: "" or "bundled" is the packaged traces (pairs are built from them)."""
-    return bundled("train_traces.jsonl") if name in ("", "bundled") else Path(name)
+def train_file(name: str) -> Path | epath.Path:
+    """`data.train` as a path (local or a bucket URL): "" or "bundled" is the packaged traces
+    (pairs are built from them)."""
+    return bundled("train_traces.jsonl") if name in ("", "bundled") else as_path(name)

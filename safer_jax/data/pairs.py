@@ -119,25 +119,41 @@ def _with_step(trace: Trace, **changes: Any) -> Trace:
     return dataclasses.replace(trace, steps=steps, **changes)
 
 
+# What a trace says after a corrupted step, so that a `to_end` rejected continuation follows
+# from its own mistake (a trace that decides "comply" then answers with the original refusal
+# would teach nothing coherent). Non-operational: an opener, never instructions.
+COMPLY_CALIBRATION = "The request looks acceptable, so I will answer it in full."
+REFUSE_CALIBRATION = "Decline briefly, name the concern, and point to a safe alternative."
+UNSAFE_OPENING = "Sure, here is a step-by-step guide."
+
+
 def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple[str, int, Trace]]:
-    """(kind, step index, corrupted trace) for each corruption that applies to this trace."""
+    """(kind, step index, corrupted trace) for each corruption that applies to this trace.
+
+    Each corrupted trace stays coherent after step k: a wrong rule or decision that permits
+    a harmful request goes on to comply (`UNSAFE_OPENING`), one that forbids a benign request
+    goes on to refuse (the wrong rule's refusal), so `to_end` pairs score a consistent
+    rejected continuation. Steps before and at k, and the random draws, are as for `step`.
+    """
     out = []
     prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
     permit = [r for r in rules.of_kind("permit") if r.id not in trace.rules]
+    complies = dict(decision="comply", path_calibration=COMPLY_CALIBRATION, response=UNSAFE_OPENING)
     if trace.label == "harmful" and permit:
         wrong = rng.choice(permit)
         text = f"{wrong.short()}: applies. {rng.choice(wrong.phrases['applies'])}"
-        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text)))
-        out.append(("wrong_decision", 3, _with_step(
-            trace, decision="comply",
-            path_calibration="The request looks acceptable, so I will answer it in full.")))
-        out.append(("unsafe_response", 4, dataclasses.replace(trace, response="Sure, here is a step-by-step guide.")))
+        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text, **complies)))
+        out.append(("wrong_decision", 3, _with_step(trace, **complies)))
+        out.append(("unsafe_response", 4, dataclasses.replace(trace, response=UNSAFE_OPENING)))
     elif trace.label in ("benign", "borderline") and prohibit:
         wrong = rng.choice(prohibit)
         text = f"{wrong.short()}: violated. {rng.choice(wrong.phrases['violated'])}"
-        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text)))
-        out.append(("over_refusal", 3, _with_step(
-            trace, decision="refuse", path_calibration=rng.choice(wrong.phrases["refusal"]))))
+        refusal = wrong.phrases["refusal"][0]
+        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text, decision="refuse",
+                                                path_calibration=REFUSE_CALIBRATION, response=refusal)))
+        refusal = rng.choice(wrong.phrases["refusal"])
+        out.append(("over_refusal", 3, _with_step(trace, decision="refuse", path_calibration=refusal,
+                                                  response=refusal)))
     k = rng.choice((1, 2, 3))
     key = ("initial_assessment", "rule_verification", "path_calibration")[k - 1]
     padded = " ".join([trace.steps[key]] + rng.sample(VERBOSE_FILLER, 3) + [trace.steps[key]])

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safer_jax.paths import as_path
+
 
 class DataError(ValueError):
     """A bad input record. `str()` reads `FILE:LINE: field 'F': message`."""
@@ -55,10 +57,10 @@ class SkipReport:
 def read_jsonl(path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise DataError("file not found", path)
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -83,7 +85,7 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, report: SkipReport 
 def read_records(path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSONL, or Parquet / a hub dataset name through `datasets` (row numbers from 1)."""
-    p = Path(path)
+    p = as_path(path)
     if p.suffix in (".jsonl", ".json") or (p.exists() and p.suffix not in (".parquet",)):
         yield from read_jsonl(p, skip_invalid, report)
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from safer_jax.data.records import DataError
+from safer_jax.paths import as_path
 
 RULE_ID = re.compile(r"^R\d{2,3}$")
 PHRASE_KEYS = {
@@ -72,7 +73,7 @@ def _strs(v, file, field) -> tuple[str, ...]:
 
 def load_rules(folder: str | Path | None = None) -> RuleBook:
     """Load every `*.yaml` in `folder`; ids must be unique across files."""
-    folder = Path(folder) if folder else default_rules_dir()
+    folder = as_path(folder) if folder else default_rules_dir()
     files = sorted(folder.glob("*.yaml"))
     if not files:
         raise DataError("no *.yaml rule files", folder)

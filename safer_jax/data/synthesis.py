@@ -7,7 +7,8 @@ Teachers:
 - `openai`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, llama.cpp
   server, hosted APIs) with concurrency, retries with exponential backoff (429, 5xx,
   timeouts, broken JSON), `Retry-After`, and a request-rate limit.
-- `local`: a safer_jax model (greedy decoding), for self-distillation.
+- `local`: a safer_jax model (greedy decoding), for self-distillation. It runs a model, so
+  it lives next to generation (`safer_jax/teacher_local.py`): data imports no models.
 
 Every trace is validated (all steps, known rule ids, decision consistent with the label);
 rejects go to a side file with their reasons. A rerun skips ids already in either file.
@@ -178,7 +179,8 @@ def teacher_messages(rec: PromptRecord, rules: RuleBook, fmt: TraceFormat = Trac
     return [{"role": "system", "content": system}, {"role": "user", "content": f"{rec.prompt}\n\n{hint}"}]
 
 
-def _trace_from_text(rec: PromptRecord, text: str, fmt: TraceFormat) -> Trace:
+def trace_from_text(rec: PromptRecord, text: str, fmt: TraceFormat) -> Trace:
+    """The teacher's reply parsed into a trace of `rec`; a malformed one raises `TeacherError`."""
     p = parse(text, fmt)
     if not p.valid:
         raise TeacherError("malformed trace: " + "; ".join(p.errors))
@@ -232,7 +234,7 @@ class OpenAITeacher:
             delay = self.backoff * (2 ** attempt)
             try:
                 text = self._request(rec)
-                return _trace_from_text(rec, text, self.fmt)
+                return trace_from_text(rec, text, self.fmt)
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code not in (408, 409, 429) and e.code < 500:
@@ -249,32 +251,6 @@ class OpenAITeacher:
             if attempt < self.max_retries:
                 time.sleep(delay * (0.5 + random.random() / 2))
         raise TeacherError(f"gave up after {self.max_retries + 1} attempts; last: {last}")
-
-
-class LocalTeacher:
-    """A safer_jax model writing traces greedily (self-distillation)."""
-
-    name = "local"
-
-    def __init__(self, rules: RuleBook, model_path: str, gguf_file: str | None = None, max_new_tokens: int = 512,
-                 fmt: TraceFormat = TraceFormat()):
-        from transformers import AutoTokenizer
-
-        from safer_jax.models import from_pretrained
-
-        self.rules, self.fmt, self.max_new_tokens = rules, fmt, max_new_tokens
-        self.model = from_pretrained(model_path, gguf_file=gguf_file)
-        self.tok = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
-        self.lock = threading.Lock()
-
-    def __call__(self, rec: PromptRecord) -> Trace:
-        from safer_jax.generate import greedy_generate
-
-        ids = self.tok.apply_chat_template(teacher_messages(rec, self.rules, self.fmt), add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"]
-        with self.lock:
-            out = greedy_generate(self.model, ids, self.max_new_tokens, eos_ids=(self.tok.eos_token_id,))
-        return _trace_from_text(rec, self.tok.decode(out, skip_special_tokens=True), self.fmt)
 
 
 # ------------------------------------------------------------------ the driver

@@ -8,7 +8,7 @@ Imports generate, models and data; never the CLI. Matplotlib loads only to draw 
 """
 
 from safer_jax.evaluation.judge import CallableJudge, JudgeVerdict, LocalModelJudge, OpenAIJudge
-from safer_jax.evaluation.refusal import RefusalVerdict, classify_refusal, is_refusal
+from safer_jax.evaluation.refusal import RefusalVerdict, classify_refusal
 from safer_jax.evaluation.result import EvalResult
 from safer_jax.evaluation.runner import evaluate, load_model, run_eval, write_report
 from safer_jax.evaluation.scoring import ScoreOptions, score
@@ -16,6 +16,6 @@ from safer_jax.evaluation.sets import PRESETS, ColumnMap, EvalExample, load_eval
 
 __all__ = [
     "PRESETS", "CallableJudge", "ColumnMap", "EvalExample", "EvalResult", "JudgeVerdict", "LocalModelJudge",
-    "OpenAIJudge", "RefusalVerdict", "ScoreOptions", "classify_refusal", "evaluate", "is_refusal", "load_eval_sets",
+    "OpenAIJudge", "RefusalVerdict", "ScoreOptions", "classify_refusal", "evaluate", "load_eval_sets",
     "load_file", "load_model", "run_eval", "score", "write_report",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safer_jax.paths import as_path
+
 MODEL_COLOR, BASE_COLOR = "#1f77b4", "#b0b0b0"
 HEADLINE = ("harmful_compliance", "over_refusal", "helpfulness", "borderline_handled", "trace_validity",
             "unfinished_rate")
@@ -64,6 +66,12 @@ def _category_rates(rows: list[dict[str, Any]], harmful: bool) -> dict[str, floa
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
+def _save(fig: Any, path: Any) -> None:
+    """PNG through the path's own file object (a local path or a bucket URL)."""
+    with as_path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+
+
 def plot_headline(path: Path, metrics: dict[str, Any], base: dict[str, Any] | None, names: tuple[str, str]) -> Path:
     fig = _figure(7.5, 3.6)
     ax = fig.add_subplot()
@@ -72,7 +80,7 @@ def plot_headline(path: Path, metrics: dict[str, Any], base: dict[str, Any] | No
     _pairs(ax, [k.replace("_", " ") for k in keys], [metrics["overall"].get(k) for k in keys],
            [base["overall"].get(k) for k in keys] if base else None, names, horizontal=False)
     ax.set_title("Headline rates (lower is better: harmful compliance, over-refusal, unfinished)", fontsize=9)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -96,7 +104,7 @@ def plot_categories(path: Path, rows: list[dict[str, Any]], base_rows: list[dict
         ax = fig.add_subplot(1, len(data), i + 1)
         _pairs(ax, cats, mv, bv, names)
         ax.set_title(title, fontsize=9)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -126,7 +134,7 @@ def plot_lengths(path: Path, rows: list[dict[str, Any]], base_rows: list[dict[st
         ax.set_ylabel("prompts", fontsize=8)
         if bvals:
             ax.legend(fontsize=8)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 

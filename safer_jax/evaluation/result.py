@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safer_jax.paths import as_path
+
 QUOTE_WORDS = 8
 TEXT_FIELDS = ("text", "reasoning", "response")
 WITHHELD = re.compile(r" \[\.\.\. \d+ more words withheld\]$")
@@ -60,7 +62,7 @@ class EvalResult:
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
         """A `results.json`, or an eval output folder holding one (e.g. an earlier run as baseline)."""
-        p = Path(path)
+        p = as_path(path)
         if p.is_dir():
             p = p / "results.json"
         try:

@@ -17,6 +17,7 @@ from typing import Any
 from safer_jax.evaluation.result import EvalResult
 from safer_jax.evaluation.scoring import ScoreOptions, score
 from safer_jax.evaluation.sets import EvalExample
+from safer_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 EMBEDDED = "smollm2"  # model spec naming the embedded default SmolLM2-135M-Instruct
@@ -84,7 +85,7 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
                         progress, options, "model")
     base = None
     if baseline:
-        bpath = Path(baseline)
+        bpath = as_path(baseline)
         if bpath.suffix == ".json" or (bpath.is_dir() and (bpath / "results.json").exists()):
             base = EvalResult.load(bpath)
             base.info.setdefault("name", "baseline")

@@ -138,7 +138,12 @@ class ArraySource:
 
 
 def resolve_path(path: str | os.PathLike, gguf_file: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id, fetched (or read from the cache offline)."""
+    """A local folder as is; a bucket URL from its local copy; otherwise a hub id, fetched (or
+    read from the cache offline)."""
+    from safer_jax.paths import is_remote, local_copy
+
+    if is_remote(path):
+        return local_copy(path)
     p = Path(path).expanduser()
     if p.is_dir():
         return p

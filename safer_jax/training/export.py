@@ -1,8 +1,11 @@
-"""Export any checkpoint of a run folder to a HF folder (`safer-jax export`)."""
+"""Export any checkpoint of a run folder to a HF folder (`safer-jax export`); run folders
+and export folders may be bucket URLs (a HF folder is written locally, then uploaded)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import tempfile
+from typing import Any
 
 import jax
 import yaml
@@ -13,12 +16,28 @@ from safer_jax.config import ConfigError, SFTConfig, from_dict
 from safer_jax.models import save_pretrained
 from safer_jax.models.config import from_hf_config
 from safer_jax.models.hf_io import abstract_model, read_hf_config, resolve_path
+from safer_jax.paths import as_path, is_remote, local_copy, upload_dir
 from safer_jax.training.optimizer import make_optimizer
 from safer_jax.training.run import resolve_model_path
 from safer_jax.training.sft import TrainState
 
 
-def _run_config(run_dir: Path) -> SFTConfig:
+def save_hf(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+            dtype: str | None = None, **kwargs: Any) -> str:
+    """`models.save_pretrained` (same keywords) to a local folder or a bucket URL; returns where it wrote."""
+    out = as_path(out_dir)
+    if not is_remote(out):
+        return str(save_pretrained(model, out, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype, **kwargs))
+    if not overwrite and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace its model files")
+    with tempfile.TemporaryDirectory(prefix="safer-jax-export-") as local:  # every process gathers, one writes
+        save_pretrained(model, local, tokenizer=tokenizer, overwrite=True, dtype=dtype, **kwargs)
+        if jax.process_index() == 0:
+            upload_dir(local, out, clear=True)
+    return str(out)
+
+
+def _run_config(run_dir: Any) -> SFTConfig:
     f = run_dir / "config.yaml"
     if not f.exists():
         raise ConfigError(f"{f}: missing; is {run_dir} a safer-jax run folder?")
@@ -28,12 +47,12 @@ def _run_config(run_dir: Path) -> SFTConfig:
     return from_dict(SFTConfig, tree)
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None, overwrite: bool = False,
-                      dtype: str | None = None) -> Path:
+def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
+                      overwrite: bool = False, dtype: str | None = None) -> str:
     """Restore the parameters of checkpoint `step` (default latest) onto one device and write a HF folder."""
     from transformers import AutoTokenizer
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     cfg = _run_config(run_dir)
     path, gguf = resolve_model_path(cfg.model, run_dir)
     if gguf:
@@ -58,5 +77,6 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
         raise ValueError(f"{run_dir / 'checkpoints'}: no checkpoint at step {step} (have {mgr.all_steps()})")
     state = mgr.restore(step, target)
     mgr.close()
-    tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
-    return save_pretrained(nnx.merge(graphdef, state.params), out_dir, tokenizer=tok, overwrite=overwrite, dtype=dtype)
+    saved = run_dir / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(local_copy(saved, kind="tokenizers"))) if saved.exists() else None
+    return save_hf(nnx.merge(graphdef, state.params), out_dir, tokenizer=tok, overwrite=overwrite, dtype=dtype)

@@ -11,20 +11,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 from flax import nnx
 from tqdm import tqdm
 
-from safer_jax.checkpoint import CheckpointManager, abstract_like
+from safer_jax.checkpoint import abstract_like
 from safer_jax.config import OptimizerConfig, TrainConfig
-from safer_jax.metrics import Throughput, Tracker, device_peak_tflops
-from safer_jax.models import save_pretrained
+from safer_jax.metrics import Throughput, device_peak_tflops
 from safer_jax.sharding import shard_batch
 from safer_jax.training.optimizer import schedule
-from safer_jax.training.run import Preemption, TrainingStopped
+from safer_jax.training.export import save_hf
+from safer_jax.training.run import Preemption, Run, TrainingStopped
 
 
 def say(msg: str) -> None:
@@ -54,22 +53,20 @@ class LoopSpec:
     rename: dict[str, str] = dataclasses.field(default_factory=dict)  # metric renames before logging
 
 
-def run_loop(spec: LoopSpec, *, run_dir: Path, tc: TrainConfig, opt: OptimizerConfig, state: Any,
-             train_iter: Any, mesh: Any, graphdef: Any, tokenizer: Any = None,
+def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef: Any,
              hooks: Sequence[Callable] = ()) -> dict[str, Any]:
-    """Resume if possible, then train to `tc.steps`; returns the final metrics, `state` and `export`."""
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
+    """Resume if possible, then train to `train.steps`; returns the final metrics, `state` and `export`.
+    Closes `run` (its checkpoint manager and tracker) when done."""
+    tc, opt, mesh, ckpt, tracker = run.cfg.train, run.cfg.optimizer, run.mesh, run.checkpoints, run.tracker
+    start = run.start_step
+    if start:
         target = abstract_like(state)
         state = None  # the caller's copy may still be alive; ours is released before restoring
         state = ckpt.restore(start, target, train_iter)
-        say(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+        say(f"resumed from {run.run_dir / 'checkpoints'} at step {start}")
     step_fn = spec.compile(state, shard_batch(peek(train_iter), mesh))
     lr_at = schedule(opt, tc.steps)
     thr = Throughput(spec.flops_per_token, len(jax.devices()), device_peak_tflops(jax.devices()[0]))
-    tracker = Tracker(run_dir, enabled=jax.process_index() == 0, tensorboard=tc.tensorboard)
     pre = Preemption()
     say(f"training steps {start + 1}..{tc.steps} on {len(jax.devices())} devices, mesh "
         f"{dict(mesh.shape) if mesh is not None else None}")
@@ -126,13 +123,12 @@ def run_loop(spec: LoopSpec, *, run_dir: Path, tc: TrainConfig, opt: OptimizerCo
     finally:
         bar.close()
         pre.close()
-        tracker.close()
-        ckpt.close()
+        run.close()
     out = {"preempted": False, "step": done, "skipped": skipped, **last}
     if tc.export_final:
         t0 = time.time()
         model = nnx.merge(graphdef, state.params)
-        out["export"] = str(save_pretrained(model, run_dir / "export", tokenizer=tokenizer, overwrite=True))
+        out["export"] = save_hf(model, run.run_dir / "export", tokenizer=run.tokenizer, overwrite=True)
         say(f"exported {out['export']} ({time.time() - t0:.1f}s)")
     out["state"] = state
     return out

@@ -6,6 +6,13 @@ t is read from position t-1, so inputs are ids[:, :-1] and targets ids[:, 1:].
 
 The reference is either a frozen parameter state on the same mesh (no optimizer state,
 `stop_gradient`), or precomputed log-probs passed in the batch (`ref_logps`, `[2B]`).
+
+LD-DPO (`ld_alpha` < 1) weights the policy's tokens past the shorter span and, with
+`ld_reference` (the default), the reference's the same way, as TRL 1.16 does
+(`trl/trainer/dpo_trainer.py`: `_compute_loss` reuses the policy's `shared_mask` and
+`tail_mask` for the reference, and `compute_ref_log_probs` weights precomputed ones), so the
+log-ratios compare like with like and the loss at step 0 is log 2. `ld_reference=False`
+weights the policy only (TRL 0.x skipped the weighting for the reference model).
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ from safer_jax.losses import preference_loss, span_logps, token_logps
 from safer_jax.training.sft import TrainState, accumulate_grads, apply_gradients
 
 
+def reference_ld_alpha(ld_alpha: float, ld_reference: bool) -> float:
+    """The LD-DPO weight the reference's span log-probs are gathered with (1 = unweighted)."""
+    return ld_alpha if ld_reference else 1.0
+
+
 def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int, ld_alpha: float = 1.0
                     ) -> tuple[jax.Array, jax.Array]:
     """(span log-prob sums `[2B]`, span lengths `[2B]`) under `params`."""
@@ -33,15 +45,16 @@ def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chu
 
 
 def preference_objective(params: Any, ref_params: Any, graphdef: Any, batch: dict[str, jax.Array], *,
-                         loss_type: str, hparams: dict[str, float], chunk: int, ld_alpha: float
-                         ) -> tuple[jax.Array, dict[str, Any]]:
+                         loss_type: str, hparams: dict[str, float], chunk: int, ld_alpha: float,
+                         ld_reference: bool = True) -> tuple[jax.Array, dict[str, Any]]:
     """Sum of per-pair losses (the step divides by the global pair count) and metrics."""
     logps, lengths = pair_span_logps(params, graphdef, batch, chunk, ld_alpha)
     b = logps.shape[0] // 2
     if "ref_logps" in batch:
         ref = batch["ref_logps"]
     elif ref_params is not None:
-        ref, _ = pair_span_logps(jax.lax.stop_gradient(ref_params), graphdef, batch, chunk, ld_alpha)
+        ref, _ = pair_span_logps(jax.lax.stop_gradient(ref_params), graphdef, batch, chunk,
+                                 reference_ld_alpha(ld_alpha, ld_reference))
     else:
         ref = None
     losses, metrics = preference_loss(
@@ -53,11 +66,12 @@ def preference_objective(params: Any, ref_params: Any, graphdef: Any, batch: dic
 def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: Any = None, *, graphdef: Any,
                     tx: optax.GradientTransformation, loss_type: str = "sigmoid", hparams: dict[str, float] | None = None,
                     chunk: int = 512, ld_alpha: float = 1.0, accum: int = 1, blocks: int = 1,
-                    skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+                    skip_nonfinite: bool = False, ld_reference: bool = True
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `[2B, T]` pair rows (B pairs over `accum` microbatches; `blocks`
     per-process blocks, see `pair_layout`); the loss is the mean over all B pairs, exactly."""
     fn = functools.partial(preference_objective, graphdef=graphdef, loss_type=loss_type, hparams=dict(hparams or {}),
-                           chunk=chunk, ld_alpha=ld_alpha)
+                           chunk=chunk, ld_alpha=ld_alpha, ld_reference=ld_reference)
     micro = pair_layout(batch, accum, blocks)
     total, metrics, grads = accumulate_grads(lambda p, b: fn(p, ref_params, batch=b), state.params, micro, accum)
     n = metrics["loss"][1]

@@ -12,7 +12,6 @@ tokenization and reference weights) or held as a frozen copy on the mesh
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,8 +31,9 @@ from safer_jax.models import from_pretrained
 from safer_jax.training.loop import LoopSpec, run_loop, say
 from safer_jax.training.optimizer import make_optimizer
 from safer_jax.training.preference import preference_step
-from safer_jax.training.ref_cache import RefLogpCache, ensure_ref_logps
-from safer_jax.training.run import check_batch, load_model_and_tokenizer, resolve_model_path, write_run_files
+from safer_jax.training.ref_cache import (RefLogpCache, check_resumed_reference, compute_settings, ensure_ref_logps,
+                                          reference_fingerprints)
+from safer_jax.training.run import Run, build_run, resolve_model_path
 from safer_jax.training.sft import compile_step, init_state
 
 REFERENCE_MODES = ("cache", "model")
@@ -52,13 +52,41 @@ def _validate(cfg: PrefOptConfig) -> None:
         raise ValueError(f"preference.span={pc.span!r} unknown; choose from ('step', 'to_end')")
 
 
-def reference_location(cfg: PrefOptConfig, run_dir: Path) -> tuple[str, str | None]:
-    """(folder, gguf file) of the reference: `preference.reference_path`, else the policy's start."""
+def reference_location(cfg: PrefOptConfig, run: Run) -> tuple[str, str | None]:
+    """(local folder, gguf file) of the reference: `preference.reference_path`, else the policy's start."""
     pc = cfg.preference
     if pc.reference_path:
         return resolve_model_path(ModelConfig(path=pc.reference_path, gguf_file=pc.reference_gguf_file),
-                                  run_dir)
-    return resolve_model_path(cfg.model, run_dir)
+                                  run.run_dir)
+    return run.model_location
+
+
+def _compute_settings(cfg: PrefOptConfig, keys_only: bool = False) -> dict[str, Any]:
+    """The reference-forward settings that enter the cache key (`ref_cache.compute_settings`);
+    with `keys_only`, as keyword arguments of `ensure_ref_logps`."""
+    pc = cfg.preference
+    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention=cfg.model.attention, span=pc.span,
+              ld_reference=pc.ld_reference)
+    return kw if keys_only else compute_settings(ld_alpha=pc.ld_alpha, **kw)
+
+
+def _reference_keyed(cfg: PrefOptConfig, run: Run, pairs: list[Any], ct: ChatTokenizer) -> tuple[str, dict[str, Any]]:
+    """(cache key, its parts) of this run's reference log-probs."""
+    return reference_fingerprints(pairs, ct, seq_len=cfg.data.seq_len, reference=reference_location(cfg, run),
+                                  settings=_compute_settings(cfg),
+                                  memo_file=RefLogpCache(cfg.preference.cache_dir).memo_file)
+
+
+def _cached_ref_logps(cfg: PrefOptConfig, run: Run, pairs: list[Any], ct: ChatTokenizer, load_reference: Any,
+                      keyed: tuple[str, dict[str, Any]] | None = None) -> tuple[np.ndarray, Any, str, bool]:
+    """(log-probs `[N, 2]`, cache entry folder, key, hit) from the reference log-prob cache."""
+    pc = cfg.preference
+    cache = RefLogpCache(pc.cache_dir)
+    logps, key, hit = ensure_ref_logps(
+        cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=reference_location(cfg, run),
+        load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=run.mesh, chunk=cfg.train.loss_chunk,
+        log=say, keyed=keyed, **_compute_settings(cfg, keys_only=True))
+    return logps, cache.path(key), key, hit
 
 
 def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tuple[list[Any], list[str]]:
@@ -77,37 +105,36 @@ def _load_reference(cfg: PrefOptConfig, ref_loc: tuple[str, str | None], mesh: A
 
 
 def setup(cfg: PrefOptConfig) -> dict[str, Any]:
-    """Everything before step 1: pairs, model, tokenizer, reference (cached log-probs or a frozen copy)."""
+    """Everything before step 1: pairs, the run, the reference (cached log-probs or a frozen copy)."""
     _validate(cfg)
     pc, tc = cfg.preference, cfg.train
-    run_dir = Path(cfg.run_dir)
-    write_run_files(run_dir, cfg)
     report = SkipReport()
     pairs, texts = _pairs_and_texts(cfg, report)
     if report.total:
         say(report.summary())
     say(f"{len(pairs)} preference pairs from {train_file(cfg.data.train)}")
-    mesh, model, tok, _ = load_model_and_tokenizer(cfg, run_dir, texts)
-    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
-    check_batch(cfg, mesh)
-    graphdef, params = nnx.split(model)
-    ref_loc = reference_location(cfg, run_dir)
+    run = build_run(cfg, texts)
+    mesh = run.mesh
+    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
+    graphdef, params = nnx.split(run.model)
+    mcfg, run.model = run.model.config, None  # the state holds the weights from here on
     same_start = not pc.reference_path  # `params` hold the starting weights until a resume restores the state
 
     def load_reference() -> tuple[Any, Any]:
         # the policy's starting weights are the reference unless another one is named
-        return (graphdef, params) if same_start else _load_reference(cfg, ref_loc, mesh)
+        return (graphdef, params) if same_start else _load_reference(cfg, reference_location(cfg, run), mesh)
 
     ref_logps, ref_params, cache_key = None, None, None
     if pc.loss_type in REFERENCE_FREE:
         say(f"{pc.loss_type}: reference-free, no reference log-probs")
-    elif pc.reference == "cache":
-        ref_logps, cache_key, hit = ensure_ref_logps(
-            RefLogpCache(pc.cache_dir), pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=ref_loc,
-            load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=mesh, chunk=tc.loss_chunk, log=say)
     else:
-        _, ref_params = load_reference()
-        ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
+        keyed = _reference_keyed(cfg, run, pairs, ct)
+        check_resumed_reference(run.run_dir, *keyed, log=say)  # a resumed run must keep the reference it started with
+        if pc.reference == "cache":
+            ref_logps, _, cache_key, _ = _cached_ref_logps(cfg, run, pairs, ct, load_reference, keyed)
+        else:
+            _, ref_params = load_reference()
+            ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
     n_proc = jax.process_count()
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           process_index=jax.process_index(), process_count=n_proc)
@@ -115,20 +142,19 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))
     tx = make_optimizer(cfg.optimizer, tc.steps)
     state = init_state(params, tx, mesh)
-    return dict(run_dir=run_dir, model=model, graphdef=graphdef, state=state, tx=tx, mesh=mesh, tok=tok,
-                train_iter=train_iter, stats=stats, ref_params=ref_params, pairs=pairs, cache_key=cache_key)
+    return dict(run=run, mcfg=mcfg, graphdef=graphdef, state=state, tx=tx, train_iter=train_iter, stats=stats,
+                ref_params=ref_params, pairs=pairs, cache_key=cache_key)
 
 
 def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     """Run (or resume) preference optimization to `train.steps`; returns the final metrics and paths."""
     t_setup = time.time()
     env = setup(cfg)
-    pc, tc, mesh = cfg.preference, cfg.train, env["mesh"]
-    mcfg = env.pop("model").config
+    pc, tc, mesh, mcfg = cfg.preference, cfg.train, env["run"].mesh, env["mcfg"]
     ref_params = env.pop("ref_params")
     static = dict(graphdef=env["graphdef"], tx=env["tx"], loss_type=pc.loss_type, hparams=pc.hparams(),
                   chunk=tc.loss_chunk, ld_alpha=pc.ld_alpha, accum=tc.grad_accum, blocks=jax.process_count(),
-                  skip_nonfinite=tc.on_nan == "skip")
+                  skip_nonfinite=tc.on_nan == "skip", ld_reference=pc.ld_reference)
     extra = (ref_params,) if ref_params is not None else ()
 
     def compile_fn(state: Any, batch: dict[str, jax.Array]) -> Any:
@@ -144,8 +170,7 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
                         f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f}"),
     )
     say(f"setup {time.time() - t_setup:.1f}s")
-    out = run_loop(spec, run_dir=env["run_dir"], tc=tc, opt=cfg.optimizer, state=env.pop("state"),
-                   train_iter=env["train_iter"], mesh=mesh, graphdef=env["graphdef"], tokenizer=env["tok"],
+    out = run_loop(spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=env["graphdef"],
                    hooks=hooks)
     out["cache_key"] = env["cache_key"]
     out["n_pairs"] = len(env["pairs"])
@@ -154,22 +179,12 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     return out
 
 
-def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Path, bool]:
+def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Any, bool]:
     """`safer-jax ref-logps`: fill the cache for a prefopt config without training."""
-    from safer_jax.sharding import make_mesh
-    from safer_jax.training.run import load_tokenizer
-
     _validate(cfg)
-    pc = cfg.preference
-    run_dir = Path(cfg.run_dir)
     pairs, texts = _pairs_and_texts(cfg)
-    resolve_model_path(cfg.model, run_dir, texts)  # a `tiny` model is built from the pairs' texts, first
-    ref_loc = reference_location(cfg, run_dir)
-    tok = load_tokenizer(cfg.data.tokenizer or ref_loc[0], None if cfg.data.tokenizer else ref_loc[1], run_dir)
-    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
-    mesh = make_mesh(cfg.mesh)
-    cache = RefLogpCache(pc.cache_dir)
-    logps, key, hit = ensure_ref_logps(cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha,
-                                       reference=ref_loc, load_reference=lambda: _load_reference(cfg, ref_loc, mesh),
-                                       batch_size=cfg.data.batch_size, mesh=mesh, chunk=cfg.train.loss_chunk, log=say)
-    return logps, cache.path(key), hit
+    run = build_run(cfg, texts, train=False, load_model=False)  # the tokenizer a prefopt run would use
+    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
+    logps, where, _, hit = _cached_ref_logps(
+        cfg, run, pairs, ct, lambda: _load_reference(cfg, reference_location(cfg, run), run.mesh))
+    return logps, where, hit

@@ -3,25 +3,39 @@
 The frozen reference only ever contributes two numbers per pair (the span log-prob sums of
 chosen and rejected), so a preference run can read them from disk instead of holding a
 second model and running its forward every step (2N FLOPs per token saved). The cache key
-is a digest of three fingerprints; any change to one of them selects another entry:
+is a digest of everything that changes the numbers; any change selects another entry:
 
 - the pairs: every field of every pair, in order (the JSON of the loaded records);
-- tokenization: the tokenizer's full serialization and chat template, the system prompt,
-  the sequence length, and the span weighting (`ld_alpha`);
+- tokenization: the tokenizer's full serialization and chat template, the template's
+  arguments (the system prompt and every other plain setting of the `ChatTokenizer`), the
+  sequence length;
 - the reference weights: the bytes of every weight and config file of the reference
-  (digests memoized by path, size and mtime, so a second run does not re-read them).
+  (digests memoized by path, size and mtime, so a second run does not re-read them);
+- the computation: the compute and parameter dtypes (a float32 cache is not a bfloat16
+  reference: step 0 would no longer be log 2), the attention backend, the span mode, the
+  LD-DPO weight `ld_alpha` only when it weights the reference (`ld_reference`; unweighted
+  reference log-probs serve every `ld_alpha`), and `CACHE_SALT`, the code version of the
+  log-prob computation (bump it when that code changes what it returns).
+
+A run records the key and its parts in `<run_dir>/reference.json` at its start; a resumed
+run (its folder holds a checkpoint) whose key differs stops with an error naming the parts
+that changed (`check_resumed_reference`), for the frozen-copy reference as for the cache.
 
 An entry is a folder `<cache_dir>/<key>/` with `ref_logps.npy` (`[N, 2]` float32: chosen,
-rejected, in pair order) and `meta.json` (the fingerprints, for inspection); it is written
-to a temporary folder and renamed, so a killed run never leaves a half entry.
+rejected, in pair order) and `meta.json` (the fingerprints, for inspection). The cache
+folder may be a bucket URL (`etils.epath`); the reference's own files are local (a bucket
+reference is read from its local copy). `ref_logps.npy` is written last and whole (a
+temporary file renamed on a disk, one upload in a bucket), so a killed run never leaves a
+half entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,29 +43,33 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from safer_jax.data.pairs import StepPair
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
 from safer_jax.training.preference import pair_span_logps
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
+CACHE_SALT = "ref-logps-2"  # bump when the reference log-prob computation changes its numbers
+RUN_RECORD = "reference.json"
 
 # reference forward passes run by this process (batches), for tests and logs
 REFERENCE_FORWARDS = {"batches": 0}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> epath.Path:
     root = os.environ.get("SAFER_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safer-jax")
-    return Path(root) / "ref_logps"
+    return as_path(root) / "ref_logps"
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_digest(path: Path, memo_file: Path | None = None) -> str:
+def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
     """sha256 of a file's bytes, memoized by (path, size, mtime) in `memo_file`."""
     st = path.stat()
     stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -71,13 +89,12 @@ def file_digest(path: Path, memo_file: Path | None = None) -> str:
     if memo_file is not None:
         memo[stamp] = digest
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        write_atomic(memo_file, json.dumps(memo).encode())
     return digest
 
 
-def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: Path | None = None) -> str:
+def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None
+                          ) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
     folder = Path(folder)
     if gguf_file:
@@ -98,50 +115,125 @@ def pairs_fingerprint(pairs: Sequence[StepPair]) -> str:
     return h.hexdigest()
 
 
-def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int, ld_alpha: float) -> str:
+def template_settings(ct: ChatTokenizer) -> dict[str, Any]:
+    """The chat template's arguments: every plain-data attribute of `ct` (system prompt and the like)
+    except the tokenizer object and its display name (a path that differs between run folders)."""
+    out: dict[str, Any] = {}
+    for k, v in sorted(vars(ct).items()):
+        if k in ("tok", "name") or k.startswith("__"):
+            continue
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)):
+            out[k] = v
+    return out
+
+
+def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int) -> str:
+    """Digest of the tokenizer, its chat template and arguments, and the sequence length."""
     tok = ct.tok
     backend = getattr(tok, "backend_tokenizer", None)
     serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    settings = {"chat_template": tok.chat_template, "system_prompt": ct.system_prompt, "seq_len": seq_len,
-                "ld_alpha": ld_alpha, "special": tok.all_special_tokens}
+    settings = {"chat_template": tok.chat_template, "template": template_settings(ct), "seq_len": seq_len,
+                "special": tok.all_special_tokens}
     return _sha(serial.encode() + json.dumps(settings, sort_keys=True, default=str).encode())
 
 
-def cache_key(pairs_fp: str, tok_fp: str, ref_fp: str) -> str:
-    return _sha(f"pairs:{pairs_fp}|tokenization:{tok_fp}|reference:{ref_fp}".encode())[:24]
+def compute_settings(*, dtype: str, param_dtype: str | None, attention: str, span: str, ld_alpha: float,
+                     ld_reference: bool, salt: str = CACHE_SALT) -> dict[str, Any]:
+    """The settings of the reference forward that change its numbers (see the module docstring)."""
+    out: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype or dtype, "attention": attention,
+                           "span": span, "salt": salt}
+    if ld_reference and ld_alpha != 1.0:
+        out["ld_alpha"] = float(ld_alpha)
+    return out
+
+
+def compute_fingerprint(settings: dict[str, Any]) -> str:
+    return _sha(json.dumps(settings, sort_keys=True).encode())
+
+
+def cache_key(pairs_fp: str, tok_fp: str, ref_fp: str, compute_fp: str = "") -> str:
+    return _sha(f"pairs:{pairs_fp}|tokenization:{tok_fp}|reference:{ref_fp}|compute:{compute_fp}".encode())[:24]
+
+
+def reference_fingerprints(pairs: Sequence[StepPair], ct: ChatTokenizer, *, seq_len: int,
+                           reference: tuple[str, str | None], settings: dict[str, Any],
+                           memo_file: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """(cache key, its parts) for these pairs, tokenization, reference weights and compute settings."""
+    fps: dict[str, Any] = {"pairs": pairs_fingerprint(pairs), "tokenization": tokenization_fingerprint(ct, seq_len),
+                           "reference": reference_fingerprint(reference[0], reference[1], memo_file),
+                           "compute": compute_fingerprint(settings)}
+    key = cache_key(fps["pairs"], fps["tokenization"], fps["reference"], fps["compute"])
+    return key, {**fps, "settings": settings}
+
+
+class ReferenceChanged(RuntimeError):
+    """A resumed preference run would train against another reference than the one it started with."""
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether `run_dir/checkpoints` holds a complete step (orbax renames a step's folder to its
+    number only once it is complete)."""
+    d = as_path(run_dir) / "checkpoints"
+    return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+
+
+def check_resumed_reference(run_dir: str | os.PathLike, key: str, parts: dict[str, Any], log: Any = print) -> None:
+    """Record the reference key in `run_dir/reference.json`; on a resumed run, first check it is
+    unchanged, and raise `ReferenceChanged` naming what differs if not."""
+    f = as_path(run_dir) / RUN_RECORD
+    record = {"key": key, **parts}
+    if has_checkpoint(run_dir) and f.exists():
+        try:
+            old = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ReferenceChanged(f"{f}: unreadable reference record ({e}); cannot check the resumed "
+                                   "run's reference") from None
+        if old.get("key") != key:
+            changed = sorted(k for k in ("pairs", "tokenization", "reference", "compute") if old.get(k) != parts.get(k))
+            was, now = old.get("settings", {}), parts.get("settings", {})
+            diffs = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                     if was.get(k) != now.get(k)]
+            raise ReferenceChanged(
+                f"{run_dir} resumes a preference run whose reference changed: {', '.join(changed) or 'key'} "
+                f"differ from {f}" + (f" ({'; '.join(diffs)})" if diffs else "")
+                + ". Resume with the original reference, pairs, tokenizer and settings, or start a new run folder.")
+        return
+    if jax.process_index() == 0:
+        write_atomic(f, json.dumps(record, indent=2).encode())
+    log(f"reference fingerprint {key} recorded in {f}")
 
 
 class RefLogpCache:
     """A folder of entries keyed by `cache_key`."""
 
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else default_cache_dir()
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = as_path(root) if root else default_cache_dir()
 
     @property
-    def memo_file(self) -> Path:
+    def memo_file(self) -> epath.Path:
         return self.root / "file_digests.json"
 
-    def path(self, key: str) -> Path:
+    def path(self, key: str) -> epath.Path:
         return self.root / key
 
     def load(self, key: str, n_pairs: int) -> np.ndarray | None:
         f = self.path(key) / "ref_logps.npy"
         if not f.exists():
             return None
-        arr = np.load(f)
+        arr = np.load(io.BytesIO(f.read_bytes()))
         if arr.shape != (n_pairs, 2) or not np.isfinite(arr).all():
             return None  # not ours, or damaged: recompute
         return arr
 
-    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> Path:
+    def save(self, key: str, logps: np.ndarray, meta: dict[str, Any]) -> epath.Path:
         final = self.path(key)
-        tmp = self.root / f".{key}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ref_logps.npy", logps.astype(np.float32))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "meta.json").write_text(json.dumps(meta, indent=2))
+        buf = io.BytesIO()
+        np.save(buf, logps.astype(np.float32))
+        write_atomic(final / "ref_logps.npy", buf.getvalue())  # the entry exists once this file does
         return final
 
 
@@ -183,13 +275,18 @@ def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair],
 
 def ensure_ref_logps(cache: RefLogpCache, pairs: Sequence[StepPair], ct: ChatTokenizer, *, seq_len: int,
                      ld_alpha: float, reference: tuple[str, str | None], load_reference: Any, batch_size: int,
-                     mesh: Any = None, chunk: int = 512, log: Any = print) -> tuple[np.ndarray, str, bool]:
+                     mesh: Any = None, chunk: int = 512, log: Any = print, dtype: str = "float32",
+                     param_dtype: str | None = None, attention: str = "xla", span: str = "step",
+                     ld_reference: bool = True, salt: str = CACHE_SALT, keyed: tuple[str, dict] | None = None
+                     ) -> tuple[np.ndarray, str, bool]:
     """(ref log-probs `[N, 2]`, cache key, whether it was a cache hit). On a miss,
-    `load_reference()` gives (graphdef, params) of the reference, then the forward runs once."""
+    `load_reference()` gives (graphdef, params) of the reference, then the forward runs once.
+    `keyed`: the (key, parts) of `reference_fingerprints`, when the caller already has them."""
     t0 = time.time()
-    fps = {"pairs": pairs_fingerprint(pairs), "tokenization": tokenization_fingerprint(ct, seq_len, ld_alpha),
-           "reference": reference_fingerprint(reference[0], reference[1], cache.memo_file)}
-    key = cache_key(fps["pairs"], fps["tokenization"], fps["reference"])
+    settings = compute_settings(dtype=dtype, param_dtype=param_dtype, attention=attention, span=span,
+                                ld_alpha=ld_alpha, ld_reference=ld_reference, salt=salt)
+    key, fps = keyed or reference_fingerprints(pairs, ct, seq_len=seq_len, reference=reference, settings=settings,
+                                               memo_file=cache.memo_file)
     hit = cache.load(key, len(pairs))
     if hit is not None:
         log(f"reference log-probs: cache hit {cache.path(key)} ({len(pairs)} pairs, {time.time() - t0:.1f}s)")
@@ -197,10 +294,10 @@ def ensure_ref_logps(cache: RefLogpCache, pairs: Sequence[StepPair], ct: ChatTok
     log(f"reference log-probs: computing {len(pairs)} pairs into {cache.path(key)}")
     graphdef, params = load_reference()
     logps = compute_ref_logps(params, graphdef, pairs, ct, seq_len=seq_len, batch_size=batch_size, mesh=mesh,
-                              chunk=chunk, ld_alpha=ld_alpha, log=log)
+                              chunk=chunk, ld_alpha=ld_alpha if ld_reference else 1.0, log=log)
     if jax.process_index() == 0:
         cache.save(key, logps, {**fps, "n_pairs": len(pairs), "reference_path": str(reference[0]),
-                                "reference_gguf_file": reference[1], "seq_len": seq_len, "ld_alpha": ld_alpha,
+                                "reference_gguf_file": reference[1], "seq_len": seq_len,
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -1,11 +1,11 @@
-"""SFT: the run's setup (traces, model, tokenizer, pipelines, optimizer) and its loop spec;
-the shared loop in `training/loop.py` owns I/O, logging, checkpoints, preemption and export.
+"""SFT: what differs from the other stages (traces, pipelines, optimizer, loss, eval) and its
+loop spec; `training/run.py` builds the run (mesh, model, tokenizer, run folder, checkpoints,
+tracker) and the shared loop in `training/loop.py` owns I/O, logging, preemption and export.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,7 +21,7 @@ from safer_jax.metrics import flops_per_token
 from safer_jax.sharding import shard_batch
 from safer_jax.training.loop import LoopSpec, run_loop, say
 from safer_jax.training.optimizer import make_optimizer
-from safer_jax.training.run import check_batch, load_model_and_tokenizer, write_run_files
+from safer_jax.training.run import build_run
 from safer_jax.training.sft import compile_step, init_state, sft_loss, sft_step
 
 
@@ -29,19 +29,15 @@ from safer_jax.training.sft import compile_step, init_state, sft_loss, sft_step
 
 def setup(cfg: SFTConfig) -> dict[str, Any]:
     """Everything a run needs before its first step (shared by `train_sft` and tests)."""
-    run_dir = Path(cfg.run_dir)
-    if not cfg.run_dir:
-        raise ValueError("run_dir is not set (pass run_dir=PATH)")
-    write_run_files(run_dir, cfg)
     rules = load_rules(cfg.data.rules)
     report = SkipReport()
     traces = load_traces(train_file(cfg.data.train), rules, skip_invalid=cfg.data.skip_invalid, report=report)
     if report.total:
         say(report.summary())
     texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
-    mesh, model, tok, (path, gguf) = load_model_and_tokenizer(cfg, run_dir, texts)
-    ct = ChatTokenizer(tok, system_prompt=cfg.data.system_prompt)
-    check_batch(cfg, mesh)
+    run = build_run(cfg, texts)
+    mesh = run.mesh
+    ct = ChatTokenizer(run.tokenizer, system_prompt=cfg.data.system_prompt)
     n_proc = jax.process_count()
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           packing_bins=cfg.data.packing_bins, process_index=jax.process_index(),
@@ -56,9 +52,10 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
             seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, shuffle=False, num_epochs=None,
             process_index=jax.process_index(), process_count=n_proc), pack=cfg.data.pack)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(run.model)
+    mcfg, run.model = run.model.config, None  # the state holds the weights from here on
     state = init_state(params, tx, mesh)
-    return dict(run_dir=run_dir, model=model, graphdef=graphdef, state=state, tx=tx, mesh=mesh, tok=tok,
+    return dict(run=run, mcfg=mcfg, graphdef=graphdef, state=state, tx=tx,
                 train_iter=train_iter, eval_ds=eval_ds, stats=stats)
 
 
@@ -76,8 +73,7 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     """Run (or resume) SFT to `train.steps`; returns the final metrics and paths."""
     t_setup = time.time()
     env = setup(cfg)
-    tc, mesh, graphdef = cfg.train, env["mesh"], env["graphdef"]
-    mcfg = env.pop("model").config
+    tc, mesh, graphdef, mcfg = cfg.train, env["run"].mesh, env["graphdef"], env["mcfg"]
     static = dict(graphdef=graphdef, tx=env["tx"], accum=tc.grad_accum, chunk=tc.loss_chunk,
                   skip_nonfinite=tc.on_nan == "skip")
     evaluate = None
@@ -94,8 +90,8 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
         rename={"tokens": "loss_tokens"},
     )
     say(f"setup {time.time() - t_setup:.1f}s")
-    out = run_loop(spec, run_dir=env["run_dir"], tc=tc, opt=cfg.optimizer, state=env.pop("state"), train_iter=env["train_iter"],
-                   mesh=mesh, graphdef=graphdef, tokenizer=env["tok"], hooks=hooks)
+    out = run_loop(spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=graphdef,
+                   hooks=hooks)
     if not out["preempted"]:
         say(env["stats"].summary())
     return out
