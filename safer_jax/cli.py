@@ -184,6 +184,12 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     import json
 
@@ -196,10 +202,11 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     traces = load_traces(args.traces, rules, skip_invalid=args.skip_invalid, report=report)
     pairs = make_pairs(traces, rules, seed=args.seed, span=args.span)
     out = as_path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    if _process_index() == 0:  # one writer in a multi-process job; the pairs are the same on every process
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as f:
+            for p in pairs:
+                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
     kinds: dict[str, int] = {}
     for p in pairs:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1

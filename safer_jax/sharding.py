@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -55,6 +56,9 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     """
     config = config or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
+    if os.environ.get("SAFER_JAX_TEST_DEVICE_ORDER") == "interleaved":  # test hook: processes' devices alternate
+        devices.sort(key=lambda d: ([x for x in devices if x.process_index == d.process_index].index(d),
+                                    d.process_index))
     names = list(config.shape())
     sizes = list(config.shape().values())
     n = len(devices)
@@ -148,3 +152,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, ja
         sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), shape)
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out
+
+
+def row_origins(mesh: Mesh | None, local_rows: int) -> np.ndarray:
+    """`[N, 2]` (process, local row) of every row of a global batch that `shard_batch` assembles
+    from `local_rows` rows per process, in global order, on every process.
+
+    `make_array_from_process_local_data` places each process's rows on that process's devices
+    in device order, so the global order follows the mesh's device order, which the code that
+    splits rows into pairs must not assume blindly: this says what it actually is.
+    """
+    n_proc = jax.process_count()
+    local = np.stack([np.full(local_rows, jax.process_index(), np.int32), np.arange(local_rows, dtype=np.int32)], 1)
+    if mesh is None or n_proc == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    glob = shard_batch({"origin": local}, mesh)["origin"]
+    return np.asarray(multihost_utils.process_allgather(glob, tiled=True)).reshape(n_proc * local_rows, 2)

@@ -192,7 +192,7 @@ def check_batch(cfg: Any, mesh: Any) -> None:
 
 
 class Preemption:
-    """SIGTERM sets a flag; every process agrees on it at the same step."""
+    """SIGTERM sets `flag`; the loop agrees on it with the other processes at each step."""
 
     def __init__(self):
         self.flag = False
@@ -202,13 +202,10 @@ class Preemption:
         self.flag = True
 
     def requested(self) -> bool:
-        flag = self.flag
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        """Whether any process got SIGTERM (a collective: every process calls it at the same step)."""
+        from safer_jax.distributed import agree_flags
 
-            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-        return flag
+        return agree_flags(self.flag)[0]
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
-
