@@ -12,6 +12,7 @@ tensorstore) writes to directly.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -43,14 +44,27 @@ class CheckpointManager:
         return self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int | None, abstract_state: Any, data_iter: Any | None = None) -> Any:
-        """The state at `step` (default: latest), placed as `abstract_state` says; restores `data_iter` in place."""
+        """The state at `step` (default: latest), placed as `abstract_state` says; restores `data_iter` in place.
+
+        Every process runs the same global data pipeline, so any process's iterator state is
+        every process's: a checkpoint written by N processes restores on M.
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        data_dir = self.directory / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        foreign = data_iter is not None and not own.exists()
+        if data_iter is not None and not foreign:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+        state = self.mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+        if foreign:  # written by another process count: take process 0's state
+            saved = sorted(data_dir.glob("process_0-of-*.json"))
+            if not saved:
+                raise FileNotFoundError(f"{data_dir}: no data iterator state to resume from")
+            data_iter.set_state(json.loads(saved[0].read_text()))
+        return state
 
     def wait(self) -> None:
         self.mgr.wait_until_finished()

@@ -231,6 +231,12 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     import json
 
@@ -243,10 +249,11 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     traces = load_traces(args.traces, rules, skip_invalid=args.skip_invalid, report=report)
     pairs = make_pairs(traces, rules, seed=args.seed, span=args.span)
     out = as_path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    if _process_index() == 0:  # one writer in a multi-process job; the pairs are the same on every process
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as f:
+            for p in pairs:
+                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
     kinds: dict[str, int] = {}
     for p in pairs:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
@@ -480,21 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _maybe_init_distributed() -> None:
-    """Multi-host runs (TPU pods, multi-node GPU): SAFER_JAX_DISTRIBUTED=1 calls
-    jax.distributed.initialize(), which reads the coordinator from the environment
-    (Cloud TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    import os
-
-    if os.environ.get("SAFER_JAX_DISTRIBUTED") == "1":
-        import jax
-
-        jax.distributed.initialize()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _maybe_init_distributed()
+    from safer_jax.distributed import DistributedError, initialize
+
+    try:
+        initialize(log=lambda m: print(m, flush=True))  # SAFER_JAX_DISTRIBUTED=1: join the job first
+    except DistributedError as e:
+        print(f"safer-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

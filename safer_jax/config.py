@@ -17,14 +17,19 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape. Axis sizes multiply to the device count; -1 takes the rest."""
+    """Device mesh shape. Axis sizes multiply to the device count; -1 takes the rest.
+
+    `dcn` is data parallelism across TPU slices (multi-slice jobs, over the data-center
+    network); `data`, `fsdp` and `tensor` lie inside each slice.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn: int = 1
 
     def shape(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"dcn": self.dcn, "data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from safer_jax.models.decoder import Decoder
 from safer_jax.models.hf_io import param_shardings
 from safer_jax.models.kv_cache import KVCache, forward_cached, init_cache
 from safer_jax.sampling import Sampler, process_logits, sample_tokens, top_k_filter, top_p_filter  # noqa: F401 (re-exported)
-from safer_jax.sharding import constrain, named_sharding
+from safer_jax.sharding import batch_ways, constrain, named_sharding
 
 FINISH_REASONS = ("stop", "length", "stop_string")
 STOP_STRING_CHECK_EVERY = 16  # decode steps between host-side stop-string checks
@@ -227,7 +227,7 @@ def sample_batch(
     if not prompts or n_new == 0:
         return BatchOutput([[] for _ in prompts], ["length"] * len(prompts))
     mesh = mesh if mesh is not None else model.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    shards = batch_ways(mesh)
     b = -(-_pow2(len(prompts)) // shards) * shards
     p = _pow2(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
     slots = -(-(p + n_new) // SLOT_BUCKET) * SLOT_BUCKET  # every decode step reads all slots: no pow2 waste

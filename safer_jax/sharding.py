@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +21,7 @@ from safer_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 # logical axis -> mesh axes (None = replicated). The single source of sharding truth.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
@@ -34,7 +35,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("dcn", "data", "fsdp"),
     "length": None,
     "act_embed": None,
     "act_heads": ("tensor",),
@@ -47,10 +48,19 @@ _logged_fallbacks: set[tuple[str, int, tuple[str, ...]]] = set()
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axis types (compiler-propagated sharding)."""
+    """A ("dcn", "data", "fsdp", "tensor") mesh with Auto axis types (compiler-propagated sharding).
+
+    With `dcn` > 1 on a multi-slice TPU job, each slice holds one `dcn` index and the inner
+    axes lie within a slice (`mesh_utils.create_hybrid_device_mesh`), so only the data-parallel
+    gradient reduction crosses the slower network between slices.
+    """
     config = config or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [config.data, config.fsdp, config.tensor]
+    if os.environ.get("SAFER_JAX_TEST_DEVICE_ORDER") == "interleaved":  # test hook: processes' devices alternate
+        devices.sort(key=lambda d: ([x for x in devices if x.process_index == d.process_index].index(d),
+                                    d.process_index))
+    names = list(config.shape())
+    sizes = list(config.shape().values())
     n = len(devices)
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
@@ -60,12 +70,29 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     known = math.prod(s for s in sizes if s != -1)
     if free:
         if n % known:
-            raise ValueError(f"mesh: {n} devices are not divisible by the fixed axes {config.shape()}")
+            raise ValueError(f"mesh: {n} devices ({jax.process_count()} processes) are not divisible by the fixed "
+                             f"axes {config.shape()}")
         sizes[free[0]] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+        raise ValueError(f"mesh: {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, but jax.devices() has "
+                         f"{n} ({jax.process_count()} processes); fix the mesh section of the config")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if sizes[0] > 1 and None not in slices and len(slices) > 1:
+        if len(slices) != sizes[0]:
+            raise ValueError(f"mesh: dcn={sizes[0]} but the devices lie in {len(slices)} slices")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh([1, *sizes[1:]], [sizes[0], 1, 1, 1], devices)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def batch_ways(mesh: Mesh | None) -> int:
+    """How many ways the mesh splits the batch axis (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in LOGICAL_AXIS_RULES["batch"] or ())
 
 
 def logical_to_spec(
@@ -115,7 +142,7 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: Sequence[str | None
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """The global batch from each process's rows `[b, ...]`, batch-sharded on ("data", "fsdp")."""
+    """The global batch from each process's rows `[b, ...]`, batch-sharded on ("dcn", "data", "fsdp")."""
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in batch.items()}
     out = {}
@@ -125,3 +152,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, ja
         sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), shape)
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out
+
+
+def row_origins(mesh: Mesh | None, local_rows: int) -> np.ndarray:
+    """`[N, 2]` (process, local row) of every row of a global batch that `shard_batch` assembles
+    from `local_rows` rows per process, in global order, on every process.
+
+    `make_array_from_process_local_data` places each process's rows on that process's devices
+    in device order, so the global order follows the mesh's device order, which the code that
+    splits rows into pairs must not assume blindly: this says what it actually is.
+    """
+    n_proc = jax.process_count()
+    local = np.stack([np.full(local_rows, jax.process_index(), np.int32), np.arange(local_rows, dtype=np.int32)], 1)
+    if mesh is None or n_proc == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    glob = shard_batch({"origin": local}, mesh)["origin"]
+    return np.asarray(multihost_utils.process_allgather(glob, tiled=True)).reshape(n_proc * local_rows, 2)

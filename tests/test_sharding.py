@@ -43,13 +43,26 @@ def params(model):
 
 def test_make_mesh_sizes_and_auto_axes():
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     assert dict(make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)).shape)["fsdp"] == 8
     with pytest.raises(ValueError, match="needs 12 devices"):
         make_mesh(MeshConfig(data=3, fsdp=2, tensor=2))
     with pytest.raises(ValueError, match="at most one axis"):
         make_mesh(MeshConfig(data=-1, fsdp=-1, tensor=1))
+
+
+def test_dcn_axis_is_data_parallel():
+    """Across slices only the batch is split: dcn joins the batch axes, parameters never use it."""
+    from safer_jax.sharding import batch_ways, logical_to_spec
+
+    mesh = make_mesh(MeshConfig(dcn=2, data=1, fsdp=-1, tensor=2))
+    assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
+    assert batch_ways(mesh) == 4
+    assert logical_to_spec(("batch", "length"), (8, 16), mesh) == jax.sharding.PartitionSpec(("dcn", "fsdp"), None)
+    assert logical_to_spec(("embed", "mlp"), (64, 128), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
+    with pytest.raises(ValueError, match="jax.devices\\(\\) has 8"):
+        make_mesh(MeshConfig(dcn=2, data=1, fsdp=4, tensor=2))
 
 
 def test_logical_to_spec_replicates_what_does_not_divide(caplog):

@@ -35,7 +35,7 @@ SFT_KEYS = ("inputs", "targets", "weights")
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     seq_len: int = 1024
-    batch_size: int = 8  # per process (global batch / process count)
+    batch_size: int = 8  # per process (global batch / process count); every process runs the global pipeline
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
@@ -96,8 +96,28 @@ def _base(records: list[Any], cfg: PipelineConfig) -> grain.MapDataset:
     ds = grain.MapDataset.source(records)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs)
-    return ds[cfg.process_index::cfg.process_count]
+    return ds.repeat(cfg.num_epochs)
+
+
+class _ProcessRows(grain.transforms.Map):
+    """This process's rows of a global batch: block `process_index` of `process_count`.
+
+    Every process runs the same global pipeline (same shuffle, packing and batches) and keeps
+    its block, so the assembled global batch, the losses and the iterator state do not depend
+    on the process count: a checkpoint of N processes resumes on M.
+    """
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lo = self.cfg.process_index * self.cfg.batch_size
+        return {k: v[lo:lo + self.cfg.batch_size] for k, v in batch.items()}
+
+
+def _global_batches(ds: grain.IterDataset, cfg: PipelineConfig, drop_remainder: bool = True) -> grain.IterDataset:
+    ds = ds.batch(cfg.batch_size * cfg.process_count, drop_remainder=drop_remainder)
+    return ds.map(_ProcessRows(cfg)) if cfg.process_count > 1 else ds
 
 
 def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt: TraceFormat | None = None,
@@ -112,7 +132,7 @@ def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt
         ds = ds.map(_rename_packed)
     else:
         ds = ds.map(lambda ex: _pad_example(ex, cfg.seq_len))
-    return ds.batch(cfg.batch_size, drop_remainder=True)
+    return _global_batches(ds, cfg)
 
 
 def _rename_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -192,7 +212,7 @@ def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineCo
     if cfg.length_buckets:
         return _bucketed_pairs(items, ct, cfg, stats, with_index)
     ds = _base(items, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
-    return ds.batch(cfg.batch_size, drop_remainder=drop_remainder).map(_StackPairs(with_index))
+    return _global_batches(ds, cfg, drop_remainder).map(_StackPairs(with_index))
 
 
 def drop_unfit_pairs(pairs: list[StepPair], ct: ChatTokenizer, seq_len: int, log: Any = print) -> list[StepPair]:

@@ -9,6 +9,7 @@ and losses of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from safer_jax.checkpoint import abstract_like
+from safer_jax.distributed import agree_flags
 from safer_jax.metrics import Throughput, device_peak_tflops
 from safer_jax.sharding import shard_batch
 from safer_jax.training.optimizer import schedule
@@ -52,6 +54,13 @@ class LoopSpec:
     rename: dict[str, str] = dataclasses.field(default_factory=dict)  # metric renames before logging
 
 
+def _clock_skew() -> float:
+    """Seconds this process's clock jumps ahead once training has started: a test hook
+    (`SAFER_JAX_TEST_CLOCK_SKEW_S`) standing in for hosts whose clocks disagree, which must
+    still stop at the same step."""
+    return float(os.environ.get("SAFER_JAX_TEST_CLOCK_SKEW_S", "0") or 0)
+
+
 def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef: Any,
              hooks: Sequence[Callable] = ()) -> dict[str, Any]:
     """Resume if possible, then train to `train.steps`; returns the final metrics, `state` and `export`.
@@ -79,7 +88,9 @@ def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef:
         for step in range(start + 1, tc.steps + 1):
             state, metrics = step_fn(state, shard_batch(next(train_iter), mesh))
             m = {spec.rename.get(k, k): float(v) for k, v in metrics.items()}
-            if m["nonfinite"]:
+            # every stop is agreed: a process that stops alone would hang the others in the next collective
+            (nonfinite,) = agree_flags(bool(m["nonfinite"]))
+            if nonfinite:
                 if tc.on_nan == "stop":
                     ckpt.wait()
                     raise TrainingStopped(
@@ -106,14 +117,16 @@ def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef:
                 ckpt.save(step, state, train_iter)
             for hook in hooks:
                 hook(step, state, m)
-            if pre.requested():
+            time_up = deadline is not None and time.time() + _clock_skew() > deadline and step < tc.steps
+            sigterm, time_up = agree_flags(pre.flag, time_up)  # one all-gather per step for both
+            if sigterm:
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, train_iter, force=True)
                 ckpt.wait()
                 say(f"SIGTERM: checkpoint saved at step {step}; exiting (rerun to continue)")
                 return {"preempted": True, "step": step, **last}
             done = step
-            if deadline is not None and time.time() > deadline and step < tc.steps:
+            if time_up:
                 say(f"train.max_minutes={tc.max_minutes:g} reached after step {step}; stopping there")
                 break
         if ckpt.latest_step() != done:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -82,6 +83,30 @@ def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: 
     new = apply_gradients(state, grads, tx, bad & skip_nonfinite)
     out.update(grad_norm=grad_norm, nonfinite=bad, padding=jnp.mean(batch["segment_ids"] == 0))
     return new, out
+
+
+class RowOrderError(ValueError):
+    """The global batch's rows are not the processes' blocks in process order: pairs would not match."""
+
+
+def check_pair_rows(mesh: Any, local_pairs: int) -> None:
+    """Fail before any step if the assembled global batch would not pair chosen and rejected rows.
+
+    Each process feeds `2 * local_pairs` rows (its chosen block, then its rejected block);
+    `pair_layout` assumes the global batch holds those blocks whole, in process order.
+    """
+    from safer_jax.sharding import row_origins
+
+    origins = row_origins(mesh, 2 * local_pairs)  # [N, 2] (process, local row)
+    expect = np.stack([np.repeat(np.arange(jax.process_count()), 2 * local_pairs),
+                       np.tile(np.arange(2 * local_pairs), jax.process_count())], 1)
+    if not np.array_equal(origins, expect):
+        bad = int(np.argmax(np.any(origins != expect, axis=1)))
+        raise RowOrderError(
+            f"the mesh's device order assembles the global batch out of process order (global row {bad} holds "
+            f"process {origins[bad, 0]}'s row {origins[bad, 1]}, expected process {expect[bad, 0]}'s row "
+            f"{expect[bad, 1]}): chosen and rejected rows would not pair up. Build the mesh from jax.devices() "
+            "in their default order (each process's devices contiguous)")
 
 
 def pair_layout(batch: dict[str, jax.Array], accum: int = 1, blocks: int = 1) -> dict[str, jax.Array]:

@@ -30,7 +30,7 @@ from safer_jax.metrics import flops_per_token
 from safer_jax.models import from_pretrained
 from safer_jax.training.loop import LoopSpec, run_loop, say
 from safer_jax.training.optimizer import make_optimizer
-from safer_jax.training.preference import preference_step
+from safer_jax.training.preference import check_pair_rows, preference_step
 from safer_jax.training.ref_cache import (RefLogpCache, check_resumed_reference, compute_settings, ensure_ref_logps,
                                           reference_fingerprints)
 from safer_jax.training.run import Run, build_run, resolve_model_path
@@ -138,6 +138,7 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
             _, ref_params = load_reference()
             ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
     n_proc = jax.process_count()
+    check_pair_rows(mesh, cfg.data.batch_size // n_proc)  # before any step: chosen and rejected rows must pair
     pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
                           process_index=jax.process_index(), process_count=n_proc,
                           length_buckets=cfg.data.length_buckets)

@@ -50,7 +50,8 @@ from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
 from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
-from safer_jax.training.preference import pair_span_logps
+from safer_jax.distributed import check_same, from_process_0
+from safer_jax.training.preference import check_pair_rows, pair_span_logps
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
 CACHE_SALT = "ref-logps-2"  # bump when the reference log-prob computation changes its numbers
@@ -254,6 +255,7 @@ def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair],
     fn = jax.jit(lambda p, b: pair_span_logps(p, graphdef, b, chunk, ld_alpha)[0])
     out = np.full((len(padded), 2), np.nan, np.float32)
     n_batches = len(padded) // global_bs
+    check_pair_rows(mesh, global_bs // n_proc)  # the values below are read as per-process blocks
     t0 = time.time()
     for i, local in enumerate(preference_dataset(padded, ct, cfg, with_index=True)):
         index = local.pop("pair_index")
@@ -289,8 +291,20 @@ def ensure_ref_logps(cache: RefLogpCache, pairs: Sequence[StepPair], ct: ChatTok
                                 ld_alpha=ld_alpha, ld_reference=ld_reference, salt=salt)
     key, fps = keyed or reference_fingerprints(pairs, ct, seq_len=seq_len, reference=reference, settings=settings,
                                                memo_file=cache.memo_file)
-    hit = cache.load(key, len(pairs))
-    if hit is not None:
+    # hit or miss is decided once: process 0 reads the cache and every process follows it (a
+    # process that recomputed alone would wait forever in the reference forward's collectives)
+    check_same(key, "the reference log-prob cache key (pairs, tokenizer, reference weights, settings)")
+    hit = cache.load(key, len(pairs)) if jax.process_index() == 0 else None
+    hit_agreed = bool(from_process_0(hit is not None))
+    if jax.process_count() > 1:  # in every worker's own log: all of them follow process 0
+        print(f"[process {jax.process_index()}] reference log-probs: cache {'hit' if hit_agreed else 'miss'}",
+              flush=True)
+    if hit_agreed:
+        if jax.process_count() > 1:  # the values travel from process 0: other hosts' caches may lack them
+            from jax.experimental import multihost_utils
+
+            local = hit if hit is not None else np.zeros((len(pairs), 2), np.float32)
+            hit = np.asarray(multihost_utils.broadcast_one_to_all(local))
         log(f"reference log-probs: cache hit {cache.path(key)} ({len(pairs)} pairs, {time.time() - t0:.1f}s)")
         return hit, key, True
     log(f"reference log-probs: computing {len(pairs)} pairs into {cache.path(key)}")

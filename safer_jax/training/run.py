@@ -28,6 +28,7 @@ from safer_jax.checkpoint import CheckpointManager
 from safer_jax.config import ModelConfig, to_dict
 from safer_jax.metrics import Tracker
 from safer_jax.paths import as_path, check_writable, local_copy, staged_dir
+from safer_jax.sharding import batch_ways as sharding_batch_ways
 
 TINY_PREFIX = "tiny"
 EMBEDDED = "smollm2"
@@ -179,17 +180,17 @@ def check_batch(cfg: Any, mesh: Any) -> None:
     if bs % (n_proc * accum):
         raise ValueError(f"data.batch_size={bs} must be divisible by processes ({n_proc}) x "
                          f"train.grad_accum ({accum})")
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_ways = sharding_batch_ways(mesh)
     if bs % batch_ways or (bs // accum) % batch_ways:
         msg = (f"data.batch_size={bs} (and each of train.grad_accum={accum} microbatches) is not divisible by "
-               f"mesh data x fsdp = {batch_ways}")
+               f"mesh dcn x data x fsdp = {batch_ways}")
         if n_proc > 1:  # each process feeds distinct rows: the batch must split over the batch axes
             raise ValueError(msg)
         log.warning("%s: the batch is replicated over those axes (correct, but every device computes it all)", msg)
 
 
 class Preemption:
-    """SIGTERM sets a flag; every process agrees on it at the same step."""
+    """SIGTERM sets `flag`; the loop agrees on it with the other processes at each step."""
 
     def __init__(self):
         self.flag = False
@@ -199,13 +200,10 @@ class Preemption:
         self.flag = True
 
     def requested(self) -> bool:
-        flag = self.flag
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        """Whether any process got SIGTERM (a collective: every process calls it at the same step)."""
+        from safer_jax.distributed import agree_flags
 
-            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-        return flag
+        return agree_flags(self.flag)[0]
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
-
