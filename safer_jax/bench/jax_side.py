@@ -10,14 +10,13 @@ time with donation. Step 1 is the warm-up; steps 2..S are timed.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from safer_jax.bench.shapes import resolve_shape
-from safer_jax.bench.work import BenchSpec, batch, summarize
+from safer_jax.bench.work import BenchSpec, batch, side_main, summarize
 
 
 def build_model(spec: BenchSpec) -> Any:
@@ -151,14 +150,7 @@ def _threads() -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    try:
-        result = run(BenchSpec.read(spec_path))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    Path(out_path).write_text(json.dumps(result))
-    return 0
+    return side_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from safer_jax.bench.work import BenchSpec, batch, hf_shape, summarize
+from safer_jax.bench.work import BenchSpec, batch, hf_shape, side_main, summarize
 
 
 def block_mask(segment_ids: np.ndarray, window: int = 0) -> np.ndarray:
@@ -192,14 +192,7 @@ def run(spec: BenchSpec) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    try:
-        result = run(BenchSpec.read(spec_path))
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    Path(out_path).write_text(json.dumps(result))
-    return 0
+    return side_main(run, argv, (ImportError,))
 
 
 if __name__ == "__main__":

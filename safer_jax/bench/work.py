@@ -174,3 +174,19 @@ def summarize(spec: BenchSpec, cfg: Any, step_times: list[float], losses: list[f
         "device": device_name,
         **extra,
     }
+
+
+def side_main(run: Any, argv: list[str], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """`python -m safer_jax.bench.<side> SPEC OUT`: run one side on the spec, write its JSON record.
+    Input errors (and `errors`) exit 2 with the message only."""
+    import sys
+
+    spec_path, out_path = argv
+    try:
+        result = run(BenchSpec.read(spec_path))
+    except (ValueError, FileNotFoundError, RuntimeError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(out_path).write_text(json.dumps(result))
+    return 0
+
