@@ -51,7 +51,7 @@ from safer_jax.data.tokenize import ChatTokenizer
 from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
 from safer_jax.distributed import check_same, from_process_0
-from safer_jax.training.preference import check_pair_rows, pair_span_logps
+from safer_jax.training.preference import check_pair_rows, pair_layout, pair_span_logps
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
 CACHE_SALT = "ref-logps-2"  # bump when the reference log-prob computation changes its numbers
@@ -252,22 +252,24 @@ def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair],
     padded = list(pairs) + [pairs[-1]] * ((-len(pairs)) % global_bs)
     cfg = PipelineConfig(seq_len=seq_len, batch_size=global_bs // n_proc, shuffle=False, num_epochs=1,
                          process_index=jax.process_index(), process_count=n_proc)
-    fn = jax.jit(lambda p, b: pair_span_logps(p, graphdef, b, chunk, ld_alpha)[0])
+    # rows arrive as per-process blocks (chosen, rejected); pair_layout makes them one chosen block
+    # and one rejected block, as the training step sees them (LD-DPO weighting pairs row i with B + i)
+    fn = jax.jit(lambda p, b: pair_span_logps(p, graphdef, pair_layout(b, 1, n_proc), chunk, ld_alpha)[0])
     out = np.full((len(padded), 2), np.nan, np.float32)
     n_batches = len(padded) // global_bs
     check_pair_rows(mesh, global_bs // n_proc)  # the values below are read as per-process blocks
     t0 = time.time()
     for i, local in enumerate(preference_dataset(padded, ct, cfg, with_index=True)):
         index = local.pop("pair_index")
-        lp = fn(ref_params, shard_batch(local, mesh))  # [2b] chosen block, rejected block
+        lp = fn(ref_params, shard_batch(local, mesh))  # [2B]: every chosen row, then every rejected row
         REFERENCE_FORWARDS["batches"] += 1
         if n_proc > 1:  # every process learns every pair's values
             from jax.experimental import multihost_utils
 
             index = np.asarray(multihost_utils.process_allgather(index, tiled=True))
             lp = multihost_utils.process_allgather(lp, tiled=True)
-        lp = np.asarray(lp).reshape(n_proc, 2, -1)  # per-process blocks of chosen, then rejected rows
-        out[index, 0], out[index, 1] = lp[:, 0].reshape(-1), lp[:, 1].reshape(-1)
+        lp = np.asarray(lp).reshape(2, -1)  # [chosen, rejected] x pairs in process order, like `index`
+        out[index, 0], out[index, 1] = lp[0], lp[1]
         if (i + 1) % 10 == 0 or i + 1 == n_batches:
             el = time.time() - t0
             log(f"reference log-probs: batch {i + 1}/{n_batches} ({el:.0f}s, ETA {el / (i + 1) * (n_batches - i - 1):.0f}s)")
