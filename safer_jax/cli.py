@@ -183,6 +183,33 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_responses(args: argparse.Namespace) -> int:
+    import json
+
+    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file
+
+    labels = tuple(args.labels.split(",")) if args.labels else DISTILL_LABELS
+    rows = []
+    with open(args.prompts, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.prompts}:{n}: not JSON ({e})") from None
+                if not isinstance(row, dict) or "id" not in row or "prompt" not in row:
+                    raise ValueError(f"{args.prompts}:{n}: a row needs 'id' and 'prompt'")
+                if row.get("label", labels[0]) in labels:
+                    rows.append(row)
+    i, n = (int(x) for x in args.shard.split("/"))
+    answer_prompts(rows[i::n], args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
+                   max_new_tokens=args.max_new_tokens, threads=args.threads, redo_cut=args.redo_cut)
+    if args.filtered:
+        kept, dropped = filter_file(args.out, args.filtered)
+        print(f"kept {kept} answers in {args.filtered}, dropped {dropped} (reasons in {args.filtered}.dropped.jsonl)")
+    return 0
+
+
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     import json
 
@@ -332,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--skip-invalid", action="store_true", help="count and skip bad prompt records")
     sy.set_defaults(fn=cmd_synthesize)
+
+    dr = sub.add_parser("distill-responses", help="the base model answers benign and borderline prompts "
+                        "(resumable), then refusals, loops and unfinished answers are filtered out")
+    dr.add_argument("--prompts", required=True, help="JSONL of {id, prompt, label}")
+    dr.add_argument("--out", required=True, help="raw answers, appended as they end; a rerun resumes")
+    dr.add_argument("--filtered", default=None, help="also write the answers that pass the filter here")
+    dr.add_argument("--model", default="smollm2", help="HF folder or hub id; `smollm2`: the embedded model")
+    dr.add_argument("--backend", choices=["torch", "jax"], default="torch")
+    dr.add_argument("--labels", default=None, help="comma-separated labels to answer (default: benign,borderline)")
+    dr.add_argument("--batch-size", type=int, default=32)
+    dr.add_argument("--max-new-tokens", type=int, default=320)
+    dr.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
+    dr.add_argument("--redo-cut", action="store_true", help="answer again the rows cut at a smaller "
+                    "--max-new-tokens (their new answer replaces the old one)")
+    dr.add_argument("--shard", default="0/1", help="i/n: answer every n-th prompt from the i-th (parallel runs)")
+    dr.set_defaults(fn=cmd_distill_responses)
 
     mp = sub.add_parser("make-pairs", help="offline step pairs from traces by controlled corruption")
     mp.add_argument("--traces", required=True)
