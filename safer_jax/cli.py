@@ -176,8 +176,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         from safer_jax.teacher_local import LocalTeacher
 
         teacher = LocalTeacher(rules, args.model, gguf_file=args.gguf_file)
-    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency)
-    print(f"wrote {res.written} traces, {res.rejected} rejects; {res.skipped_done} already done")
+    responses = None
+    if args.responses:
+        from safer_jax.self_distill import load_responses
+
+        responses = load_responses(args.responses)
+    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency,
+                     repair=args.repair, responses=responses)
+    print(f"wrote {res.written} traces ({res.repaired} with a repaired rule title), {res.rejected} rejects; "
+          f"{res.skipped_done} already done")
     if report.total:
         print(report.summary())
     return 0
@@ -358,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--rate-limit", type=float, default=None, help="max requests per second")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--skip-invalid", action="store_true", help="count and skip bad prompt records")
+    sy.add_argument("--repair", action="store_true", help="replace a wrongly cited rule title from the rulebook "
+                    "instead of rejecting the trace")
+    sy.add_argument("--responses", default=None, help="JSONL {id, response} (from `distill-responses --filtered`): "
+                    "final responses of benign and borderline traces")
     sy.set_defaults(fn=cmd_synthesize)
 
     dr = sub.add_parser("distill-responses", help="the base model answers benign and borderline prompts "

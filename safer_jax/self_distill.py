@@ -199,3 +199,17 @@ def filter_file(raw: str | Path, out: str | Path) -> tuple[int, int]:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
     return len(kept), len(dropped)
+
+
+def load_responses(path: str | Path) -> dict[str, str]:
+    """id -> response of a filtered answers file (`filter_file`'s output)."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    out[str(row["id"])] = str(row["response"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{path}:{n}: expected {{id, response}} ({e})") from None
+    return out

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from safer_jax.data.records import DataError, SkipReport, read_records, require
+from safer_jax.data.rulecheck import repair_titles, rule_claim_problems
 from safer_jax.data.rules import RuleBook
 from safer_jax.data.traces import LABELS, Trace, TraceFormat, parse, validate
 
@@ -261,6 +262,7 @@ class SynthesisResult:
     written: int = 0
     rejected: int = 0
     skipped_done: int = 0
+    repaired: int = 0
 
 
 def _done_ids(*files: Path) -> set[str]:
@@ -277,8 +279,15 @@ def _done_ids(*files: Path) -> set[str]:
 
 def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: str | Path,
                rejects: str | Path | None = None, concurrency: int = 1, fmt: TraceFormat = TraceFormat(),
-               progress: bool = True) -> SynthesisResult:
-    """Write a valid trace or a reject (with reasons) for every prompt not already done."""
+               progress: bool = True, repair: bool = False, responses: dict[str, str] | None = None
+               ) -> SynthesisResult:
+    """Write a valid trace or a reject (with reasons) for every prompt not already done.
+
+    Beyond `traces.validate`, what the trace says about each cited rule must match the rulebook
+    (`rulecheck`); with `repair`, a wrong cited title is replaced from the rulebook instead of
+    rejected. `responses` (id -> text, e.g. the base model's own answers from
+    `safer-jax distill-responses`) replaces the final response of benign and borderline traces.
+    """
     from tqdm import tqdm
 
     out = Path(out)
@@ -297,14 +306,21 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
             trace = teacher(rec)
         except TeacherError as e:
             return rec, None, [str(e)]
-        problems = validate(trace, rules, fmt)
-        return rec, (None if problems else trace), problems
+        fixed: list[str] = []
+        if repair:
+            trace, fixed = repair_titles(trace, rules)
+        if responses and rec.label != "harmful" and rec.id in responses:
+            trace = dataclasses.replace(trace, response=responses[rec.id])
+        problems = validate(trace, rules, fmt) + rule_claim_problems(trace, rules)
+        return rec, (None if problems else trace), problems or [f"repaired title {f}" for f in fixed]
 
     bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt", mininterval=2.0)
     with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
             cf.ThreadPoolExecutor(max(1, concurrency)) as pool:
         for fut in cf.as_completed([pool.submit(run, rec) for rec in todo]):
             rec, trace, problems = fut.result()
+            if trace is not None and problems:  # repaired: the notes go with the count, the trace is fine
+                res.repaired += 1
             if trace is not None:
                 fo.write(json.dumps(trace.to_json(), ensure_ascii=False) + "\n")
                 fo.flush()
