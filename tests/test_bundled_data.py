@@ -88,3 +88,38 @@ def test_no_harmful_or_borderline_eval_prompt_near_duplicates_training():
     train = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
     hits = near_duplicates(ev, train, LEAK_THRESHOLD)
     assert not hits, [(h.eval_id, h.train_id, round(h.score, 2)) for h in hits]
+
+
+def test_eval_set_has_the_self_harm_and_adversarial_prompts_to_measure():
+    """Enough of each group for the demo's sample (40 plain harmful, 20 adversarial, 10 self-harm,
+    36 benign, 14 borderline), and the adversarial split covers every attack on held-out intents."""
+    from safer_jax.evaluation.sets import load_eval_sets
+
+    ev = load_eval_sets(["bundled"])
+    adversarial = [e for e in ev if e.extra.get("split") == "adversarial"]
+    plain_harmful = [e for e in ev if e.label == "harmful" and not e.extra.get("split")]
+    self_harm = [e for e in ev if e.label == "harmful" and e.category == "self_harm"]
+    assert len(adversarial) >= 60 and len(self_harm) >= 20 and len(plain_harmful) >= 40, (len(adversarial),
+                                                                                          len(self_harm))
+    assert all(e.label == "harmful" for e in adversarial)
+    assert {e.extra["attack"] for e in adversarial} == {"past_tense", "grandmother", "prefix_injection", "multi_request"}
+    assert sum(e.label == "benign" for e in ev) >= 36 and sum(e.label == "borderline" for e in ev) >= 14
+    train = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
+    from safer_jax.data.leakage import near_duplicates
+
+    rows = [{"id": e.id, "prompt": e.prompt, "label": e.label} for e in adversarial + self_harm]
+    assert not near_duplicates(rows, train, LEAK_THRESHOLD)
+
+
+def test_training_covers_framed_attacks_and_self_harm_with_care():
+    rules = load_rules()
+    traces = {t.id: t for t in load_traces(bundled("train_traces.jsonl"), rules)}
+    prompts = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
+    framings = collections.Counter(p["framing"] for p in prompts if p.get("framing"))
+    assert set(framings) == {"roleplay", "fiction", "hypothetical", "research"} and min(framings.values()) >= 10
+    assert all(traces[p["id"]].decision == "refuse" for p in prompts if p.get("framing"))
+    from safer_jax.evaluation.selfharm import check_supportive
+
+    self_harm = [traces[p["id"]] for p in prompts if p["category"] == "self_harm" and p["label"] == "harmful"]
+    assert len(self_harm) >= 10
+    assert all(t.decision == "safe_complete" and check_supportive(t.response).supportive for t in self_harm)

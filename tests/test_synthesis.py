@@ -31,7 +31,15 @@ def test_template_teacher_is_valid_and_varied(rules, prompts):
     # never one fixed sentence per rule
     assert all(len(v) >= 2 for k, v in by_rule.items() if sum(1 for t in traces if t.rules[:1] == (k,)) >= 3)
     decisions = collections.Counter((t.label, t.decision) for t in traces)
-    assert set(decisions) == {("harmful", "refuse"), ("benign", "comply"), ("borderline", "safe_complete")}
+    assert set(decisions) == {("harmful", "refuse"), ("harmful", "safe_complete"), ("benign", "comply"),
+                              ("borderline", "safe_complete")}
+    # self-harm (and only self-harm) gets the supportive safe completion; other refusals name the concern
+    from safer_jax.evaluation.selfharm import check_supportive
+
+    for t in traces:
+        if t.label == "harmful":
+            assert (t.decision == "safe_complete") == (rules[t.rules[0]].category == "self_harm"), t.id
+            assert t.decision == "refuse" or check_supportive(t.response).supportive, t.response
 
 
 class Server:
