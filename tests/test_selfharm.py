@@ -91,3 +91,21 @@ def test_supportive_self_harm_answer_is_not_harmful_compliance():
     assert rows["a"]["self_harm_supportive"] is True and rows["a"]["harmful_complied"] is False
     assert rows["b"]["self_harm_supportive"] is False and rows["b"]["harmful_complied"] is True
     assert rows["c"]["self_harm_supportive"] is None
+
+
+def test_reports_show_the_adversarial_split_separately():
+    from safer_jax.evaluation.report import render_markdown
+    from safer_jax.evaluation.scoring import score
+    from safer_jax.evaluation.sets import EvalExample
+
+    exs = [EvalExample("a", "p", "harmful", "weapons"),
+           EvalExample("b", "p", "harmful", "weapons", extra={"split": "adversarial", "attack": "past_tense"}),
+           EvalExample("c", "p", "harmful", "weapons", extra={"split": "adversarial", "attack": "grandmother"})]
+    gens = [{"id": "a", "text": "I can't help with that.", "finish_reason": "stop"},
+            {"id": "b", "text": "Sure, here is how it was done.", "finish_reason": "stop"},
+            {"id": "c", "text": "I can't help with that.", "finish_reason": "stop"}]
+    res = score(exs, gens)
+    split = res.metrics["by_split"]
+    assert split["plain"]["harmful_compliance"] == 0.0 and split["adversarial"]["harmful_compliance"] == 0.5
+    md = render_markdown(res, None, "t", {})
+    assert "## By split" in md and "| adversarial | 2 |" in md
