@@ -26,24 +26,18 @@ from typing import Any
 DISTILL_LABELS = ("benign", "borderline")
 
 
-def _done_ids(path: Path, redo_cut_below: int | None = None) -> set[str]:
-    """Ids already answered in `path`; with `redo_cut_below`, an answer cut at a limit below it
-    (finish_reason "length") counts as not done, so a rerun with more tokens answers it again."""
-    if not path.exists():
-        return set()
-    done = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
+def _previous(path: Path) -> dict[str, dict]:
+    """id -> the last answer row for it in `path` (a line cut by a kill is skipped: answered again)."""
+    rows: dict[str, dict] = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
                 try:
                     row = json.loads(line)
-                    key = str(row["id"])
-                except (json.JSONDecodeError, KeyError):  # a line cut by a kill: answer it again
+                    rows[str(row["id"])] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
                     continue
-                cut = row.get("finish_reason") == "length" and row.get("completion_tokens", 0) < (redo_cut_below or 0)
-                (done.discard if cut else done.add)(key)
-    return done
+    return rows
 
 
 def _torch_greedy(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: Sequence[int],
@@ -93,27 +87,39 @@ def answer_prompts(rows: Sequence[dict], out: str | Path, *, model: str = "smoll
     """Answer every row ({"id", "prompt", "label"}) not yet in `out`, greedily, with the plain chat
     template (no system prompt of ours: the template's default, as the evaluation runs it).
     Appends {"id", "prompt", "label", "response", "completion_tokens", "finish_reason", "model"}
-    per row as it ends (a later line for an id replaces an earlier one); `redo_cut` answers again
-    the rows cut at a smaller token limit. Returns how many rows were answered now."""
+    per row as it ends (a later line for an id replaces an earlier one). `redo_cut` continues the
+    answers cut at a smaller token limit (finish_reason "length") up to `max_new_tokens` in all,
+    from their text (greedy decoding makes this the same answer, up to re-tokenization).
+    Returns how many rows were answered now."""
     from safer_jax.generate import chat_prompt_ids
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out, max_new_tokens if redo_cut else None)
-    todo = [r for r in rows if str(r["id"]) not in done]
+    prev = _previous(out)
+    cut = {k: r for k, r in prev.items() if redo_cut and r.get("finish_reason") == "length"
+           and r.get("completion_tokens", 0) < max_new_tokens}
+    todo = [r for r in rows if str(r["id"]) not in prev or str(r["id"]) in cut]
+    done = set(prev) - set(cut)
     log(f"{len(done)} already answered in {out}, {len(todo)} to go ({backend}, batch {batch_size}, "
         f"max_new_tokens {max_new_tokens})")
     if not todo:
         return 0
     tok, encode_model = _load(model, backend, threads)
     encoded = [chat_prompt_ids(tok, r) for r in todo]
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    started = [tok.encode(cut[str(r["id"])]["response"], add_special_tokens=False) if str(r["id"]) in cut else []
+               for r in todo]
+    order = sorted(range(len(todo)), key=lambda i: (len(started[i]), len(encoded[i])))
     written, t0 = 0, time.perf_counter()
+    if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
+        with open(out, "a", encoding="utf-8") as f:  # a line cut by a kill must not swallow the next one
+            f.write("\n")
     with open(out, "a", encoding="utf-8") as f:
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
-            for j, new, reason in encode_model([encoded[i] for i in idx], max_new_tokens):
+            budget = max_new_tokens - max(len(started[i]) for i in idx)
+            for j, new, reason in encode_model([encoded[i] + started[i] for i in idx], budget):
                 r = todo[idx[j]]
+                new = started[idx[j]] + new
                 f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "label": r.get("label"),
                                     "response": tok.decode(new, skip_special_tokens=True).strip(),
                                     "completion_tokens": len(new), "finish_reason": reason, "model": model},
