@@ -123,3 +123,22 @@ def test_training_covers_framed_attacks_and_self_harm_with_care():
     self_harm = [traces[p["id"]] for p in prompts if p["category"] == "self_harm" and p["label"] == "harmful"]
     assert len(self_harm) >= 10
     assert all(t.decision == "safe_complete" and check_supportive(t.response).supportive for t in self_harm)
+
+
+def test_benign_and_borderline_responses_are_the_base_models_own_answers():
+    """Benign and borderline responses are SmolLM2-135M-Instruct's own answers wherever one passed the
+    filter (`safer-jax distill-responses`: no refusal, no loop, finished). Issue 15 asks for a benign
+    mean within 20% of the base model's; that does not hold yet (docs/results.md: about 40% of its
+    answers are still cut at 512 tokens and fall back to the short reference)."""
+    rules = load_rules()
+    fit = {json.loads(x)["id"]: json.loads(x)["response"] for x in
+           bundled("smollm2_answers.fit.jsonl").read_text().splitlines()}
+    raw = [json.loads(x) for x in bundled("smollm2_answers.jsonl").read_text().splitlines()]
+    from safer_jax.self_distill import drop_reason
+
+    latest = {r["id"]: r for r in raw}
+    assert {k for k, r in latest.items() if drop_reason(r) is None} == set(fit)
+    traces = load_traces(bundled("train_traces.jsonl"), rules)
+    used = [t for t in traces if t.id in fit]
+    assert all(t.label in ("benign", "borderline") and t.response == fit[t.id].strip() for t in used)
+    assert len(used) >= 150
