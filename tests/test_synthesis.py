@@ -211,3 +211,13 @@ def test_bundled_traces_state_every_rule_as_the_rulebook_does(rules):
 
     bad = {t.id: p for t in load_traces(bundled("train_traces.jsonl"), rules) if (p := rule_claim_problems(t, rules))}
     assert not bad, list(bad.items())[:3]
+
+
+def test_rulebook_aliases_are_loaded_and_accepted(rules):
+    from safer_jax.data.rulecheck import rule_claim_problems
+    from safer_jax.data.traces import Trace
+
+    assert "self-harm" in rules["R08"].aliases
+    t = Trace("x", "p", {"initial_assessment": "a", "rule_verification": "R08 (self-harm): violated.",
+                         "path_calibration": "c"}, "safe_complete", "r", "harmful", ("R08",))
+    assert rule_claim_problems(t, rules) == []
