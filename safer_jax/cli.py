@@ -224,8 +224,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         from safer_jax.teacher_local import LocalTeacher
 
         teacher = LocalTeacher(rules, args.model, gguf_file=args.gguf_file)
-    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency)
-    print(f"wrote {res.written} traces, {res.rejected} rejects; {res.skipped_done} already done")
+    responses = None
+    if args.responses:
+        from safer_jax.self_distill import load_responses
+
+        responses = load_responses(args.responses)
+    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency,
+                     repair=args.repair, responses=responses)
+    print(f"wrote {res.written} traces ({res.repaired} with a repaired rule title), {res.rejected} rejects; "
+          f"{res.skipped_done} already done")
     if report.total:
         print(report.summary())
     return 0
@@ -235,6 +242,33 @@ def _process_index() -> int:
     import jax
 
     return jax.process_index()
+
+
+def cmd_distill_responses(args: argparse.Namespace) -> int:
+    import json
+
+    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file
+
+    labels = tuple(args.labels.split(",")) if args.labels else DISTILL_LABELS
+    rows = []
+    with open(args.prompts, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.prompts}:{n}: not JSON ({e})") from None
+                if not isinstance(row, dict) or "id" not in row or "prompt" not in row:
+                    raise ValueError(f"{args.prompts}:{n}: a row needs 'id' and 'prompt'")
+                if row.get("label", labels[0]) in labels:
+                    rows.append(row)
+    i, n = (int(x) for x in args.shard.split("/"))
+    answer_prompts(rows[i::n], args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
+                   max_new_tokens=args.max_new_tokens, threads=args.threads, redo_cut=args.redo_cut)
+    if args.filtered:
+        kept, dropped = filter_file(args.out, args.filtered)
+        print(f"kept {kept} answers in {args.filtered}, dropped {dropped} (reasons in {args.filtered}.dropped.jsonl)")
+    return 0
 
 
 def cmd_make_pairs(args: argparse.Namespace) -> int:
@@ -403,7 +437,27 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--rate-limit", type=float, default=None, help="max requests per second")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--skip-invalid", action="store_true", help="count and skip bad prompt records")
+    sy.add_argument("--repair", action="store_true", help="replace a wrongly cited rule title from the rulebook "
+                    "instead of rejecting the trace")
+    sy.add_argument("--responses", default=None, help="JSONL {id, response} (from `distill-responses --filtered`): "
+                    "final responses of benign and borderline traces")
     sy.set_defaults(fn=cmd_synthesize)
+
+    dr = sub.add_parser("distill-responses", help="the base model answers benign and borderline prompts "
+                        "(resumable), then refusals, loops and unfinished answers are filtered out")
+    dr.add_argument("--prompts", required=True, help="JSONL of {id, prompt, label}")
+    dr.add_argument("--out", required=True, help="raw answers, appended as they end; a rerun resumes")
+    dr.add_argument("--filtered", default=None, help="also write the answers that pass the filter here")
+    dr.add_argument("--model", default="smollm2", help="HF folder or hub id; `smollm2`: the embedded model")
+    dr.add_argument("--backend", choices=["torch", "jax"], default="torch")
+    dr.add_argument("--labels", default=None, help="comma-separated labels to answer (default: benign,borderline)")
+    dr.add_argument("--batch-size", type=int, default=32)
+    dr.add_argument("--max-new-tokens", type=int, default=320)
+    dr.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
+    dr.add_argument("--redo-cut", action="store_true", help="answer again the rows cut at a smaller "
+                    "--max-new-tokens (their new answer replaces the old one)")
+    dr.add_argument("--shard", default="0/1", help="i/n: answer every n-th prompt from the i-th (parallel runs)")
+    dr.set_defaults(fn=cmd_distill_responses)
 
     mp = sub.add_parser("make-pairs", help="offline step pairs from traces by controlled corruption")
     mp.add_argument("--traces", required=True)

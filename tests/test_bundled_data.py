@@ -88,3 +88,57 @@ def test_no_harmful_or_borderline_eval_prompt_near_duplicates_training():
     train = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
     hits = near_duplicates(ev, train, LEAK_THRESHOLD)
     assert not hits, [(h.eval_id, h.train_id, round(h.score, 2)) for h in hits]
+
+
+def test_eval_set_has_the_self_harm_and_adversarial_prompts_to_measure():
+    """Enough of each group for the demo's sample (40 plain harmful, 20 adversarial, 10 self-harm,
+    36 benign, 14 borderline), and the adversarial split covers every attack on held-out intents."""
+    from safer_jax.evaluation.sets import load_eval_sets
+
+    ev = load_eval_sets(["bundled"])
+    adversarial = [e for e in ev if e.extra.get("split") == "adversarial"]
+    plain_harmful = [e for e in ev if e.label == "harmful" and not e.extra.get("split")]
+    self_harm = [e for e in ev if e.label == "harmful" and e.category == "self_harm"]
+    assert len(adversarial) >= 60 and len(self_harm) >= 20 and len(plain_harmful) >= 40, (len(adversarial),
+                                                                                          len(self_harm))
+    assert all(e.label == "harmful" for e in adversarial)
+    assert {e.extra["attack"] for e in adversarial} == {"past_tense", "grandmother", "prefix_injection", "multi_request"}
+    assert sum(e.label == "benign" for e in ev) >= 36 and sum(e.label == "borderline" for e in ev) >= 14
+    train = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
+    from safer_jax.data.leakage import near_duplicates
+
+    rows = [{"id": e.id, "prompt": e.prompt, "label": e.label} for e in adversarial + self_harm]
+    assert not near_duplicates(rows, train, LEAK_THRESHOLD)
+
+
+def test_training_covers_framed_attacks_and_self_harm_with_care():
+    rules = load_rules()
+    traces = {t.id: t for t in load_traces(bundled("train_traces.jsonl"), rules)}
+    prompts = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
+    framings = collections.Counter(p["framing"] for p in prompts if p.get("framing"))
+    assert set(framings) == {"roleplay", "fiction", "hypothetical", "research"} and min(framings.values()) >= 10
+    assert all(traces[p["id"]].decision == "refuse" for p in prompts if p.get("framing"))
+    from safer_jax.evaluation.selfharm import check_supportive
+
+    self_harm = [traces[p["id"]] for p in prompts if p["category"] == "self_harm" and p["label"] == "harmful"]
+    assert len(self_harm) >= 10
+    assert all(t.decision == "safe_complete" and check_supportive(t.response).supportive for t in self_harm)
+
+
+def test_benign_and_borderline_responses_are_the_base_models_own_answers():
+    """Benign and borderline responses are SmolLM2-135M-Instruct's own answers wherever one passed the
+    filter (`safer-jax distill-responses`: no refusal, no loop, finished). Issue 15 asks for a benign
+    mean within 20% of the base model's; that does not hold yet (docs/results.md: about 40% of its
+    answers are still cut at 512 tokens and fall back to the short reference)."""
+    rules = load_rules()
+    fit = {json.loads(x)["id"]: json.loads(x)["response"] for x in
+           bundled("smollm2_answers.fit.jsonl").read_text().splitlines()}
+    raw = [json.loads(x) for x in bundled("smollm2_answers.jsonl").read_text().splitlines()]
+    from safer_jax.self_distill import drop_reason
+
+    latest = {r["id"]: r for r in raw}
+    assert {k for k, r in latest.items() if drop_reason(r) is None} == set(fit)
+    traces = load_traces(bundled("train_traces.jsonl"), rules)
+    used = [t for t in traces if t.id in fit]
+    assert all(t.label in ("benign", "borderline") and t.response == fit[t.id].strip() for t in used)
+    assert len(used) >= 150

@@ -31,7 +31,15 @@ def test_template_teacher_is_valid_and_varied(rules, prompts):
     # never one fixed sentence per rule
     assert all(len(v) >= 2 for k, v in by_rule.items() if sum(1 for t in traces if t.rules[:1] == (k,)) >= 3)
     decisions = collections.Counter((t.label, t.decision) for t in traces)
-    assert set(decisions) == {("harmful", "refuse"), ("benign", "comply"), ("borderline", "safe_complete")}
+    assert set(decisions) == {("harmful", "refuse"), ("harmful", "safe_complete"), ("benign", "comply"),
+                              ("borderline", "safe_complete")}
+    # self-harm (and only self-harm) gets the supportive safe completion; other refusals name the concern
+    from safer_jax.evaluation.selfharm import check_supportive
+
+    for t in traces:
+        if t.label == "harmful":
+            assert (t.decision == "safe_complete") == (rules[t.rules[0]].category == "self_harm"), t.id
+            assert t.decision == "refuse" or check_supportive(t.response).supportive, t.response
 
 
 class Server:
@@ -135,3 +143,81 @@ def test_local_teacher_writes_or_rejects_every_prompt(rules, prompts, tiny, tmp_
     assert res.written + res.rejected == 1
     rejects = [json.loads(x) for x in (tmp_path / "t.rejects.jsonl").read_text().splitlines()]
     assert all(any("malformed trace" in r for r in x["reasons"]) for x in rejects)
+
+
+class _Edited:
+    """The template teacher's trace with its rule verification rewritten (a careless LLM teacher)."""
+
+    name = "edited"
+
+    def __init__(self, rules, verification):
+        self.inner, self.verification = TemplateTeacher(rules), verification
+
+    def __call__(self, rec):
+        import dataclasses
+
+        t = self.inner(rec)
+        return dataclasses.replace(t, steps={**t.steps, "rule_verification": self.verification(rec)})
+
+
+def test_wrong_rule_title_and_wrong_verdict_are_rejected_with_reasons(rules, prompts, tmp_path):
+    r01 = next(p for p in prompts if p.label == "harmful" and p.rules[0] == "R01")
+    benign = next(p for p in prompts if p.label == "benign")
+    cases = {r01.id: "R01 (theft and vandalism): violated. The request seeks weapons uplift.",
+             benign.id: f"{benign.rules[0]} ({rules[benign.rules[0]].title.lower()}): applies. Ordinary help."}
+    bad_verdict = next(p for p in prompts if p.label == "harmful" and p.id != r01.id)
+    cases[bad_verdict.id] = f"{bad_verdict.rules[0]} ({rules[bad_verdict.rules[0]].title.lower()}): applies."
+    teacher = _Edited(rules, lambda rec: cases[rec.id])
+    out = tmp_path / "t.jsonl"
+    res = synthesize([r01, benign, bad_verdict], teacher, rules, out, progress=False)
+    rejects = {r["id"]: " ".join(r["reasons"]) for r in map(json.loads, (tmp_path / "t.rejects.jsonl").open())}
+    assert (res.written, res.rejected) == (1, 2) and set(rejects) == {r01.id, bad_verdict.id}
+    assert "R01 cited as 'theft and vandalism'" in rejects[r01.id] and rules["R01"].title in rejects[r01.id]
+    assert "prohibit rule" in rejects[bad_verdict.id] and "'apply'" in rejects[bad_verdict.id]
+    # under --repair the wrong title is replaced from the rulebook; a wrong verdict is still rejected
+    out2 = tmp_path / "r.jsonl"
+    res2 = synthesize([r01, bad_verdict], teacher, rules, out2, progress=False, repair=True)
+    assert (res2.written, res2.rejected, res2.repaired) == (1, 1, 1)
+    fixed = json.loads(out2.read_text())
+    assert fixed["id"] == r01.id and fixed["steps"]["rule_verification"].startswith(f"R01 ({rules['R01'].title.lower()})")
+    assert "'apply'" in json.loads((tmp_path / "r.rejects.jsonl").read_text())["reasons"][0]
+
+
+def test_declared_alias_is_accepted_and_claims_fit_kind_and_label(rules):
+    import dataclasses
+
+    from safer_jax.data.rulecheck import rule_claim_problems
+    from safer_jax.data.rules import Rule, RuleBook
+    from safer_jax.data.traces import Trace
+
+    book = RuleBook({**rules.rules, "R01": dataclasses.replace(rules["R01"], aliases=("CBRN weapons",))}, "t")
+    steps = {"initial_assessment": "a", "path_calibration": "c"}
+
+    def problems(verification, label):
+        return rule_claim_problems(Trace("x", "p", {**steps, "rule_verification": verification}, "refuse", "r",
+                                         label, ("R01",)), book)
+
+    assert problems("R01 (cbrn weapons): violated. Uplift.", "harmful") == []
+    assert problems("R01: violated.", "harmful") == []  # no title given: nothing to compare
+    assert "'violated' on a benign prompt" in problems("R01 (cbrn weapons): violated.", "benign")[0]
+    assert "permit rule" in problems("R21 (benign technical help): violated.", "harmful")[0]
+    assert "'applies' on a harmful prompt" in problems("R21 (benign technical help): applies.", "harmful")[0]
+    assert isinstance(book["R01"], Rule)
+
+
+def test_bundled_traces_state_every_rule_as_the_rulebook_does(rules):
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.data.rulecheck import rule_claim_problems
+
+    bad = {t.id: p for t in load_traces(bundled("train_traces.jsonl"), rules) if (p := rule_claim_problems(t, rules))}
+    assert not bad, list(bad.items())[:3]
+
+
+def test_rulebook_aliases_are_loaded_and_accepted(rules):
+    from safer_jax.data.rulecheck import rule_claim_problems
+    from safer_jax.data.traces import Trace
+
+    assert "self-harm" in rules["R08"].aliases
+    t = Trace("x", "p", {"initial_assessment": "a", "rule_verification": "R08 (self-harm): violated.",
+                         "path_calibration": "c"}, "safe_complete", "r", "harmful", ("R08",))
+    assert rule_claim_problems(t, rules) == []

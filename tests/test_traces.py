@@ -110,3 +110,16 @@ def test_to_end_rejected_continuation_follows_the_corrupted_step(traces, rules):
         assert step[p.id].rejected in p.rejected and step[p.id].prefix_steps == p.prefix_steps
         checked.add(p.kind)
     assert checked == {"wrong_rule", "wrong_decision", "over_refusal"}
+
+
+def test_safe_complete_is_allowed_for_self_harm_only(rules):
+    from safer_jax.data.traces import Trace, validate
+
+    def trace(rid, decision):
+        steps = {"initial_assessment": "a", "rule_verification": f"{rid}: violated.", "path_calibration": "c"}
+        return Trace("x", "p", steps, decision, "r", "harmful", (rid,))
+
+    assert validate(trace("R08", "safe_complete"), rules) == []  # R08: self-harm
+    assert validate(trace("R08", "refuse"), rules) == []
+    assert any("inconsistent with label" in p for p in validate(trace("R07", "safe_complete"), rules))
+    assert any("inconsistent with label" in p for p in validate(trace("R08", "comply"), rules))

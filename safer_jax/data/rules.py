@@ -32,6 +32,7 @@ class Rule:
     statement: str
     examples: dict[str, tuple[str, ...]]
     phrases: dict[str, tuple[str, ...]]
+    aliases: tuple[str, ...] = ()  # other titles a trace may cite the rule by (optional `aliases:` list)
 
     def short(self) -> str:
         return f"{self.id} ({self.title.lower()})"
@@ -112,5 +113,7 @@ def load_rules(folder: str | Path | None = None) -> RuleBook:
                 if key not in ph:
                     raise DataError("missing phrase list", f, None, f"{at}.phrases.{key}")
                 phrases[key] = _strs(ph[key], f, f"{at}.phrases.{key}")
-            rules[rid] = Rule(rid, str(r["title"]), str(r["category"]), kind, str(r["statement"]), examples, phrases)
+            aliases = _strs(r["aliases"], f, f"{at}.aliases") if r.get("aliases") else ()
+            rules[rid] = Rule(rid, str(r["title"]), str(r["category"]), kind, str(r["statement"]), examples, phrases,
+                              aliases)
     return RuleBook(dict(sorted(rules.items())), str(folder))

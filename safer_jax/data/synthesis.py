@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from safer_jax.data.records import DataError, SkipReport, read_records, require
+from safer_jax.data.rulecheck import repair_titles, rule_claim_problems
 from safer_jax.data.rules import RuleBook
-from safer_jax.data.traces import LABELS, Trace, TraceFormat, parse, validate
+from safer_jax.data.traces import LABELS, SAFE_COMPLETE_CATEGORIES, Trace, TraceFormat, parse, validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,37 @@ CALIBRATE = {
                       "Provide the useful, safe answer and mention where to get expert help if relevant."),
 }
 
+# A supportive safe completion for self-harm (the shape `evaluation/selfharm.py` checks):
+# acknowledge the person, decline methods without lecturing, crisis resources that are not
+# only US ones, an invitation to keep talking. One part of each is drawn per trace.
+SUPPORT = (
+    ("I'm really sorry you're feeling this way, and I'm glad you told me.",
+     "It sounds like you're carrying something really painful right now.",
+     "Thank you for telling me how you feel; that takes courage.",
+     "I'm so sorry things feel this overwhelming. Your life matters."),
+    ("I can't help with anything that could hurt you, but I don't want you to face this alone.",
+     "I won't share anything that could put you in danger, because I care about your safety.",
+     "That's not something I can help with, but you deserve support right now."),
+    ("If you might act on these thoughts, please contact your local emergency number now. A crisis line in your "
+     "country can talk with you any time; findahelpline.com lists free services around the world.",
+     "Please reach out to local emergency services if you're in danger, or to a crisis line where you live (for "
+     "example Samaritans on 116 123 in the UK and Ireland, or 988 in the US).",
+     "You can reach a trained listener through a crisis line in your country; Befrienders Worldwide can help you "
+     "find one near you, and local emergency services are there if you're not safe."),
+    ("Would you like to tell me what has been making things so hard?",
+     "I'm here to listen if you want to talk about what's going on.",
+     "Do you want to talk about what happened today? I'm here for you."),
+)
+SUPPORT_CALIBRATE = ("Do not give methods; respond with care: acknowledge the person, offer crisis resources that "
+                     "work in any country, and invite them to keep talking.",
+                     "A bare refusal would leave a person in crisis alone: stay supportive, give no methods, point "
+                     "to local and international crisis help, and invite them to talk.")
+
+
+def _names_concern(refusal: str, rule: Any) -> bool:
+    words = {w for w in rule.title.lower().replace(",", " ").split() if len(w) > 4}
+    return "rule" in refusal.lower() or any(w[:6] in refusal.lower() for w in words)
+
 
 class TemplateTeacher:
     """Offline teacher composing traces from labels and per-rule phrasebanks."""
@@ -135,9 +167,15 @@ class TemplateTeacher:
             if jailbreak:
                 assess.append(rng.choice(JAILBREAK_NOTES))
             verify = [f"{r.short()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
-            decision = "refuse"
-            calib = rng.choice(CALIBRATE["refuse"])
-            response = f"{rng.choice(main.phrases['refusal'])} {rng.choice(main.phrases['alternative'])}"
+            if main.category in SAFE_COMPLETE_CATEGORIES:
+                decision, calib = "safe_complete", rng.choice(SUPPORT_CALIBRATE)
+                response = " ".join(rng.choice(part) for part in SUPPORT)
+            else:  # a brief refusal that names the concern, then a safe alternative
+                decision, calib = "refuse", rng.choice(CALIBRATE["refuse"])
+                refusal = rng.choice(main.phrases["refusal"])
+                if not _names_concern(refusal, main):
+                    refusal += f" The concern is {main.title.lower()}."
+                response = f"{refusal} {rng.choice(main.phrases['alternative'])}"
         else:
             if not rec.reference:
                 raise TeacherError(f"{rec.label} prompt has no reference answer (the template teacher needs one)")
@@ -261,6 +299,7 @@ class SynthesisResult:
     written: int = 0
     rejected: int = 0
     skipped_done: int = 0
+    repaired: int = 0
 
 
 def _done_ids(*files: Path) -> set[str]:
@@ -277,8 +316,15 @@ def _done_ids(*files: Path) -> set[str]:
 
 def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: str | Path,
                rejects: str | Path | None = None, concurrency: int = 1, fmt: TraceFormat = TraceFormat(),
-               progress: bool = True) -> SynthesisResult:
-    """Write a valid trace or a reject (with reasons) for every prompt not already done."""
+               progress: bool = True, repair: bool = False, responses: dict[str, str] | None = None
+               ) -> SynthesisResult:
+    """Write a valid trace or a reject (with reasons) for every prompt not already done.
+
+    Beyond `traces.validate`, what the trace says about each cited rule must match the rulebook
+    (`rulecheck`); with `repair`, a wrong cited title is replaced from the rulebook instead of
+    rejected. `responses` (id -> text, e.g. the base model's own answers from
+    `safer-jax distill-responses`) replaces the final response of benign and borderline traces.
+    """
     from tqdm import tqdm
 
     out = Path(out)
@@ -297,14 +343,21 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
             trace = teacher(rec)
         except TeacherError as e:
             return rec, None, [str(e)]
-        problems = validate(trace, rules, fmt)
-        return rec, (None if problems else trace), problems
+        fixed: list[str] = []
+        if repair:
+            trace, fixed = repair_titles(trace, rules)
+        if responses and rec.label != "harmful" and rec.id in responses:
+            trace = dataclasses.replace(trace, response=responses[rec.id])
+        problems = validate(trace, rules, fmt) + rule_claim_problems(trace, rules)
+        return rec, (None if problems else trace), problems or [f"repaired title {f}" for f in fixed]
 
     bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt", mininterval=2.0)
     with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
             cf.ThreadPoolExecutor(max(1, concurrency)) as pool:
         for fut in cf.as_completed([pool.submit(run, rec) for rec in todo]):
             rec, trace, problems = fut.result()
+            if trace is not None and problems:  # repaired: the notes go with the count, the trace is fine
+                res.repaired += 1
             if trace is not None:
                 fo.write(json.dumps(trace.to_json(), ensure_ascii=False) + "\n")
                 fo.flush()

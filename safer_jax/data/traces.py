@@ -33,6 +33,10 @@ LABELS = ("harmful", "benign", "borderline")
 DECISIONS = ("refuse", "safe_complete", "comply")
 STEP_KEYS = ("initial_assessment", "rule_verification", "path_calibration")
 ALLOWED_DECISIONS = {"harmful": ("refuse",), "benign": ("comply",), "borderline": ("comply", "safe_complete")}
+# Harmful prompts under these rule categories may also be met with a supportive safe completion
+# (no methods; acknowledgement, crisis resources, an invitation to talk): a bare refusal fails
+# a person in crisis. `evaluation/selfharm.py` checks the shape of such a response.
+SAFE_COMPLETE_CATEGORIES = ("self_harm",)
 RULE_REF = re.compile(r"\bR\d{2,3}\b")
 
 
@@ -184,6 +188,9 @@ def validate(trace: Trace, rules: RuleBook, fmt: TraceFormat = TraceFormat()) ->
             problems.append(f"unknown rule id {rid}")
     if trace.label is not None:
         allowed = ALLOWED_DECISIONS[trace.label]
+        if trace.label == "harmful" and any(r in rules and rules[r].kind == "prohibit" and rules[r].category
+                                            in SAFE_COMPLETE_CATEGORIES for r in cited):
+            allowed = (*allowed, "safe_complete")
         if trace.decision not in allowed:
             problems.append(f"decision {trace.decision!r} inconsistent with label {trace.label!r} (allowed: {allowed})")
         if trace.label == "harmful" and not any(r in rules and rules[r].kind == "prohibit" for r in cited):

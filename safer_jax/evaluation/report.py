@@ -17,7 +17,7 @@ from safer_jax.paths import as_path
 
 NAMES = {
     "harmful_compliance": "Harmful compliance ↓", "over_refusal": "Over-refusal ↓",
-    "helpfulness": "Helpfulness ↑",
+    "helpfulness": "Helpfulness ↑", "self_harm_supportive": "Self-harm answered supportively ↑",
     "borderline_handled": "Borderline handled ↑", "refusal_rate": "Refusal rate",
     "refused_by_judge": "Refused, decided by the judge", "refused_by_rules": "Refused, decided by the rules",
     "decision_refusal_rate": "Trace decided refuse", "decision_mismatch_rate": "Decision/response mismatch ↓",
@@ -33,8 +33,8 @@ NAMES = {
 GROUP_COLUMNS = ("harmful_compliance", "over_refusal", "helpfulness", "borderline_handled", "refusal_rate",
                  "decision_refusal_rate", "decision_mismatch_rate", "unfinished_rate", "length_capped_rate",
                  "repetition_rate", "trace_validity", "decision_accuracy", "mean_response_tokens")
-CATEGORY_COLUMNS = ("harmful_compliance", "over_refusal", "helpfulness", "borderline_handled", "unfinished_rate",
-                    "mean_response_tokens")
+CATEGORY_COLUMNS = ("harmful_compliance", "self_harm_supportive", "over_refusal", "helpfulness",
+                    "borderline_handled", "unfinished_rate", "mean_response_tokens")
 
 
 def fmt(metric: str, value: Any) -> str:
@@ -127,6 +127,10 @@ def render_markdown(result: EvalResult, baseline: EvalResult | None, title: str,
                          f"generation {i.get('generate_s', '?')} s; refusal by {i.get('judge', 'rules')}")
     lines += ["", "## Overall", ""] + overall_table(m["overall"], b["overall"] if b else None)
     lines += ["", "## By label", ""] + group_table("Label", m["by_label"], b["by_label"] if b else None, GROUP_COLUMNS)
+    splits = m.get("by_split") or {}
+    if set(splits) - {"plain"}:  # rephrased attacks (past tense, grandmother, prefix injection, ...) on their own
+        lines += ["", "## By split (adversarial = rephrased attacks on held-out intents)", ""] + group_table(
+            "Split", splits, (b or {}).get("by_split"), GROUP_COLUMNS)
     lines += ["", "## Refusals by source", ""] + refusal_sources(result.rows)
     if len(m["by_source"]) > 1:
         lines += ["", "## By set", ""] + group_table("Set", m["by_source"], b["by_source"] if b else None,

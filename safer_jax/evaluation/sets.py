@@ -96,7 +96,8 @@ class ColumnMap:
 
 PRESETS: dict[str, ColumnMap] = {
     # The bundled schema and home-made files: {id, prompt, label, category, rules, reference}.
-    "custom": ColumnMap(label=("label",)),
+    # `split` (e.g. "adversarial") and `attack` (the rephrasing) are kept: reports group by split.
+    "custom": ColumnMap(label=("label",), extra=("split", "attack")),
     "advbench": ColumnMap(prompt=("goal",), default_label="harmful", category=(), default_category="advbench",
                           id=(), reference=(), rules=()),
     "harmbench": ColumnMap(prompt=("Behavior",), default_label="harmful", category=("SemanticCategory", "Category"),
