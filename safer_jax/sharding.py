@@ -57,8 +57,8 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     config = config or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
     if os.environ.get("SAFER_JAX_TEST_DEVICE_ORDER") == "interleaved":  # test hook: processes' devices alternate
-        devices.sort(key=lambda d: ([x for x in devices if x.process_index == d.process_index].index(d),
-                                    d.process_index))
+        rank = {d: sum(x.process_index == d.process_index for x in devices[:i]) for i, d in enumerate(devices)}
+        devices = sorted(devices, key=lambda d: (rank[d], d.process_index))
     names = list(config.shape())
     sizes = list(config.shape().values())
     n = len(devices)

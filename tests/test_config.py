@@ -12,7 +12,7 @@ def test_from_dict_converts_by_type():
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown config key mesh.datta; valid keys: mesh.data, mesh.fsdp"):
+    with pytest.raises(ConfigError, match=r"unknown config key mesh.datta; valid keys: mesh.data, mesh.dcn, mesh.fsdp"):
         from_dict(MeshConfig, {"datta": 2}, prefix="mesh.")
 
 

@@ -112,7 +112,7 @@ def test_two_process_checkpoint_continues_in_one_process(sft_runs):
 
 def test_prefopt_cache_and_ld_alpha_agree(tmp_path):
     pref = ["--config", str(PREF), *COMMON, "train.steps=2", "train.checkpoint_every=2", "preference.ld_alpha=0.5",
-            "data.batch_size=4", f"preference.cache_dir={tmp_path / 'refcache'}"]
+            f"preference.cache_dir={tmp_path / 'refcache'}"]
     # the tiny model is built from the pairs: both runs start from the same folder's weights
     run_one(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'one'}")
     tiny = tmp_path / "one" / "tiny-model"
@@ -163,7 +163,7 @@ def test_sigterm_to_one_process_stops_both(tmp_path):
 
 def test_a_wrong_row_order_is_caught(tmp_path):
     """Devices interleaved between processes: chosen and rejected rows would not pair, so both stop."""
-    res = run_two(tmp_path, "prefopt", "--config", str(PREF), *COMMON, "train.steps=1", "data.batch_size=4",
+    res = run_two(tmp_path, "prefopt", "--config", str(PREF), *COMMON, "train.steps=1",
                   f"run_dir={tmp_path / 'r'}", f"preference.cache_dir={tmp_path / 'c'}", ok=False,
                   per_process={0: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"},
                                1: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"}})
