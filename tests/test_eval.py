@@ -251,7 +251,7 @@ def _write(path, text):
 
 def test_bundled_set():
     ex = load_eval_sets(["bundled"])
-    assert len(ex) == 280 and {e.label for e in ex} == {"harmful", "benign", "borderline"}
+    assert len(ex) == 360 and {e.label for e in ex} == {"harmful", "benign", "borderline"}
     assert ex[0].id == "ev-0001" and ex[0].rules and ex[0].reference
     sub = load_eval_sets(["bundled"], limit=9)
     assert len(sub) == 9 and sorted(e.label for e in sub).count("harmful") == 3

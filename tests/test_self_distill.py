@@ -2,7 +2,7 @@
 
 import json
 
-from safer_jax import self_distill
+from safer_jax import generate, self_distill
 from safer_jax.self_distill import answer_prompts, drop_reason, filter_file, load_responses
 
 
@@ -38,6 +38,8 @@ def test_resume_and_continue_cut_answers(tmp_path, monkeypatch):
     answers = {"short?": "Yes.", "long?": "A long and complete answer."}
     calls = []
     monkeypatch.setattr(self_distill, "_load", lambda *a: (_Tok(), _fake(answers, calls)))
+    # the chat context is the project's tokenization (tested in test_chat_templates); here: the prompt's characters
+    monkeypatch.setattr(generate, "chat_prompt_ids", lambda tok, row: [ord(c) for c in row["prompt"]])
     rows = [{"id": "a", "prompt": "short?", "label": "benign"}, {"id": "b", "prompt": "long?", "label": "benign"}]
     out = tmp_path / "raw.jsonl"
     assert answer_prompts(rows, out, max_new_tokens=10, log=lambda m: None) == 2
