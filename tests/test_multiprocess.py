@@ -111,25 +111,18 @@ def test_two_process_checkpoint_continues_in_one_process(sft_runs):
 
 
 def test_prefopt_cache_and_ld_alpha_agree(tmp_path):
-    pref = ["--config", str(PREF), *COMMON, "train.steps=2", "train.checkpoint_every=2", "preference.ld_alpha=0.5",
-            f"preference.cache_dir={tmp_path / 'refcache'}"]
-    # the tiny model is built from the pairs: both runs start from the same folder's weights
-    run_one(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'one'}")
-    tiny = tmp_path / "one" / "tiny-model"
-    pref = [a for a in pref] + [f"model.path={tiny}"]
-    run_one(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'one-b'}")
-    first = run_two(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'two'}")
-    assert all("reference log-probs: cache hit" in text for _, text in first)  # the 1-process run filled it
+    """1 process fills its cache; 2 processes compute the reference together into a fresh cache
+    (LD-DPO weighting pairs the rows as the step does), then a rerun hits it in both processes."""
+    pref = ["--config", str(PREF), *COMMON, "train.steps=2", "train.checkpoint_every=2", "preference.ld_alpha=0.5"]
+    run_one(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'one'}", f"preference.cache_dir={tmp_path / 'c1'}")
+    pref += [f"model.path={tmp_path / 'one' / 'tiny-model'}", f"preference.cache_dir={tmp_path / 'c2'}"]
+    fresh = run_two(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'two'}")
+    assert all(f"[process {i}] reference log-probs: cache miss" in text for i, (_, text) in enumerate(fresh))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-5)
     again = run_two(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'two-b'}")
     for i, (_, text) in enumerate(again):
-        assert f"[process {i}] reference log-probs: cache hit" in text
-        assert "computing" not in text
-    assert losses(tmp_path / "one-b") == pytest.approx(losses(tmp_path / "two"), rel=1e-5, abs=1e-5)
-    # a fresh cache: both processes compute together, in one layout, to the same numbers
-    fresh = run_two(tmp_path, "prefopt", *pref, f"run_dir={tmp_path / 'two-c'}",
-                    f"preference.cache_dir={tmp_path / 'refcache2'}")
-    assert all(f"[process {i}] reference log-probs: cache miss" in text for i, (_, text) in enumerate(fresh))
-    assert losses(tmp_path / "two-c") == pytest.approx(losses(tmp_path / "one-b"), rel=1e-5, abs=1e-5)
+        assert f"[process {i}] reference log-probs: cache hit" in text and "computing" not in text
+    assert losses(tmp_path / "two-b") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-5)
 
 
 def test_deadline_with_a_skewed_clock_stops_both_at_one_step(tmp_path):
