@@ -20,7 +20,6 @@ import signal
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 from etils import epath
 
@@ -41,16 +40,11 @@ class TrainingStopped(RuntimeError):
 
 
 def agree(value: int, what: str) -> int:
-    """`value` as process 0 computed it, on every process (one process: `value` itself).
+    """`value` as process 0 computed it, on every process (DESIGN.md example 18; `what` names it
+    for readers). The one agreement mechanism is `safer_jax.distributed`."""
+    from safer_jax.distributed import from_process_0
 
-    Every decision that ends or branches a multi-process run goes through here (DESIGN.md
-    example 18), so hosts that read a bucket at slightly different moments still agree.
-    """
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    return int(from_process_0(value))
 
 
 def _sync(name: str) -> None:
@@ -198,12 +192,6 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.flag = True
-
-    def requested(self) -> bool:
-        """Whether any process got SIGTERM (a collective: every process calls it at the same step)."""
-        from safer_jax.distributed import agree_flags
-
-        return agree_flags(self.flag)[0]
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
