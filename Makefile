@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 DEVICES ?= 8
 
-.PHONY: venv install install-test demo test clean
+.PHONY: venv install install-test lint demo test clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/safer-jax demo
 
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.installed-test lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q --durations=10 tests
 
 clean:

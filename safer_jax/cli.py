@@ -25,8 +25,7 @@ def _chat_tokenizer(args: argparse.Namespace, path: str, gguf_file: str | None):
     """The shared chat tokenization (template arguments, system prompt) for chat and generate."""
     from safer_jax.data.tokenize import ChatTokenizer
 
-    return ChatTokenizer(_load_tokenizer(path, gguf_file), args.system_prompt,
-                         template_kwargs=_template_kwargs(args))
+    return ChatTokenizer(_load_tokenizer(path, gguf_file), args.system_prompt, template_kwargs=_template_kwargs(args))
 
 
 def _template_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,8 +64,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = from_pretrained(args.src, gguf_file=args.gguf_file, dtype=args.dtype)
     tok = _load_tokenizer(args.src, args.gguf_file)
     out = save_hf(model, args.to, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    print(f"wrote {out} ({model.config.model_type}, {model.config.num_params() / 1e6:.1f}M params, "
-          f"{time.time() - t0:.1f}s)")
+    print(
+        f"wrote {out} ({model.config.model_type}, {model.config.num_params() / 1e6:.1f}M params, "
+        f"{time.time() - t0:.1f}s)"
+    )
     return 0
 
 
@@ -86,10 +87,16 @@ def _sampling(args: argparse.Namespace):
     from safer_jax.generate import SamplingConfig
 
     sampled = any(getattr(args, k, None) is not None for k in ("temperature", "top_k", "top_p"))
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=getattr(args, "greedy", False) or not sampled,
-                          temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k or 0,
-                          top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
-                          stop_strings=tuple(args.stop or ()), logit_bias=_logit_bias(getattr(args, "logit_bias", None)))
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=getattr(args, "greedy", False) or not sampled,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+        top_k=args.top_k or 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        seed=args.seed,
+        stop_strings=tuple(args.stop or ()),
+        logit_bias=_logit_bias(getattr(args, "logit_bias", None)),
+    )
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -101,17 +108,24 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop string (repeatable); EOS ids always stop")
     p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
-    p.add_argument("--logit-bias", action="append", metavar="ID=VALUE", help="add VALUE to token ID's logit (repeatable)")
-    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
-                   help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument(
+        "--logit-bias", action="append", metavar="ID=VALUE", help="add VALUE to token ID's logit (repeatable)"
+    )
+    p.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of the chat template, e.g. '{\"enable_thinking\": false}'",
+    )
 
 
 def _chat_once(model, tok, prompt: str, max_new_tokens: int, sampling=None, system_prompt: str | None = None) -> str:
     from safer_jax.generate import SamplingConfig, generate_chat
 
     sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
-    rows = generate_chat(model, tok, [{"id": 0, "prompt": prompt}], sampling, system_prompt=system_prompt,
-                         progress=False)
+    rows = generate_chat(
+        model, tok, [{"id": 0, "prompt": prompt}], sampling, system_prompt=system_prompt, progress=False
+    )
     return rows[0]["text"]
 
 
@@ -144,8 +158,14 @@ def _read_prompt_rows(path: str) -> list[dict]:
     for line, obj in read_jsonl(path):
         if "messages" in obj:
             msgs = obj["messages"]
-            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                            and isinstance(m.get("content"), str) for m in msgs)):
+            if not (
+                isinstance(msgs, list)
+                and msgs
+                and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs
+                )
+            ):
                 raise DataError("must be a non-empty list of {role, content} strings", path, line, "messages")
         elif "prompt" in obj:
             if not isinstance(obj["prompt"], str):
@@ -175,8 +195,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f.write(json.dumps({**row, **res}, ensure_ascii=False) + "\n")
     n = sum(r["completion_tokens"] for r in results)
     dt = time.time() - t0
-    print(f"wrote {len(results)} rows to {out}: {n} new tokens in {dt:.1f}s ({n / max(dt, 1e-9):.1f} tokens/s); "
-          f"finish reasons {_finish_counts(results)}")
+    print(
+        f"wrote {len(results)} rows to {out}: {n} new tokens in {dt:.1f}s ({n / max(dt, 1e-9):.1f} tokens/s); "
+        f"finish reasons {_finish_counts(results)}"
+    )
     return 0
 
 
@@ -216,8 +238,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             raise ValueError("--teacher openai needs --base-url and --model")
         import os
 
-        teacher = OpenAITeacher(rules, args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
-                                max_retries=args.max_retries, timeout=args.timeout, rate_limit=args.rate_limit)
+        teacher = OpenAITeacher(
+            rules,
+            args.base_url,
+            args.model,
+            api_key=os.environ.get(args.api_key_env),
+            max_retries=args.max_retries,
+            timeout=args.timeout,
+            rate_limit=args.rate_limit,
+        )
     else:
         if not args.model:
             raise ValueError("--teacher local needs --model (a model folder)")
@@ -229,10 +258,20 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         from safer_jax.self_distill import load_responses
 
         responses = load_responses(args.responses)
-    res = synthesize(prompts, teacher, rules, args.out, rejects=args.rejects, concurrency=args.concurrency,
-                     repair=args.repair, responses=responses)
-    print(f"wrote {res.written} traces ({res.repaired} with a repaired rule title), {res.rejected} rejects; "
-          f"{res.skipped_done} already done")
+    res = synthesize(
+        prompts,
+        teacher,
+        rules,
+        args.out,
+        rejects=args.rejects,
+        concurrency=args.concurrency,
+        repair=args.repair,
+        responses=responses,
+    )
+    print(
+        f"wrote {res.written} traces ({res.repaired} with a repaired rule title), {res.rejected} rejects; "
+        f"{res.skipped_done} already done"
+    )
     if report.total:
         print(report.summary())
     return 0
@@ -263,8 +302,16 @@ def cmd_distill_responses(args: argparse.Namespace) -> int:
                 if row.get("label", labels[0]) in labels:
                     rows.append(row)
     i, n = (int(x) for x in args.shard.split("/"))
-    answer_prompts(rows[i::n], args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens, threads=args.threads, redo_cut=args.redo_cut)
+    answer_prompts(
+        rows[i::n],
+        args.out,
+        model=args.model,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        threads=args.threads,
+        redo_cut=args.redo_cut,
+    )
     if args.filtered:
         kept, dropped = filter_file(args.out, args.filtered)
         print(f"kept {kept} answers in {args.filtered}, dropped {dropped} (reasons in {args.filtered}.dropped.jsonl)")
@@ -358,20 +405,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--judge-url and --judge-model go together")
         judge = OpenAIJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env))
     t0 = time.time()
-    res, base, paths = evaluate(args.model, examples, args.out, _sampling(args), gguf_file=args.gguf_file,
-                                baseline=args.baseline, baseline_gguf_file=args.baseline_gguf_file,
-                                batch_size=args.batch_size, judge=judge, system_prompt=args.system_prompt,
-                                progress=not args.quiet,
-                                options=ScoreOptions(helpful_min_overlap=args.helpful_min_overlap),
-                                chat_template_kwargs=_template_kwargs(args))
+    res, base, paths = evaluate(
+        args.model,
+        examples,
+        args.out,
+        _sampling(args),
+        gguf_file=args.gguf_file,
+        baseline=args.baseline,
+        baseline_gguf_file=args.baseline_gguf_file,
+        batch_size=args.batch_size,
+        judge=judge,
+        system_prompt=args.system_prompt,
+        progress=not args.quiet,
+        options=ScoreOptions(helpful_min_overlap=args.helpful_min_overlap),
+        chat_template_kwargs=_template_kwargs(args),
+    )
     for name, r in (("baseline", base), ("model", res)):
         if r is not None:
             m = r.metrics["overall"]
-            pct = {k: "-" if m[k] is None else f"{100 * m[k]:.1f}%"
-                   for k in ("harmful_compliance", "over_refusal", "helpfulness", "unfinished_rate")}
-            print(f"{name}: {m['n']} prompts; harmful compliance {pct['harmful_compliance']}, over-refusal "
-                  f"{pct['over_refusal']}, helpfulness {pct['helpfulness']}, unfinished {pct['unfinished_rate']}; "
-                  f"finish reasons {_finish_counts(r.rows)}")
+            pct = {
+                k: "-" if m[k] is None else f"{100 * m[k]:.1f}%"
+                for k in ("harmful_compliance", "over_refusal", "helpfulness", "unfinished_rate")
+            }
+            print(
+                f"{name}: {m['n']} prompts; harmful compliance {pct['harmful_compliance']}, over-refusal "
+                f"{pct['over_refusal']}, helpfulness {pct['helpfulness']}, unfinished {pct['unfinished_rate']}; "
+                f"finish reasons {_finish_counts(r.rows)}"
+            )
     print(f"wrote {paths['report']} and {len(paths) - 1} more files in {time.time() - t0:.1f}s")
     return 0
 
@@ -380,11 +440,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """JAX step against transformers (+ TRL) in PyTorch on the same work; table and JSON record."""
     from safer_jax.bench import BenchSpec, run_bench, table
 
-    spec = BenchSpec(model=args.model, task=args.task, seq=args.seq, batch=args.batch, dtype=args.dtype,
-                     steps=args.steps, seed=args.seed, lr=args.lr, attention=args.attention,
-                     torch_compile=args.torch_compile, profile=args.profile or "")
-    record = run_bench(spec, with_torch=args.torch, json_path=args.json,
-                       command=" ".join(["safer-jax", *sys.argv[1:]]))
+    spec = BenchSpec(
+        model=args.model,
+        task=args.task,
+        seq=args.seq,
+        batch=args.batch,
+        dtype=args.dtype,
+        steps=args.steps,
+        seed=args.seed,
+        lr=args.lr,
+        attention=args.attention,
+        torch_compile=args.torch_compile,
+        profile=args.profile or "",
+    )
+    record = run_bench(spec, with_torch=args.torch, json_path=args.json, command=" ".join(["safer-jax", *sys.argv[1:]]))
     print(table(record))
     if args.json:
         print(f"wrote {args.json}")
@@ -437,14 +506,24 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--rate-limit", type=float, default=None, help="max requests per second")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--skip-invalid", action="store_true", help="count and skip bad prompt records")
-    sy.add_argument("--repair", action="store_true", help="replace a wrongly cited rule title from the rulebook "
-                    "instead of rejecting the trace")
-    sy.add_argument("--responses", default=None, help="JSONL {id, response} (from `distill-responses --filtered`): "
-                    "final responses of benign and borderline traces")
+    sy.add_argument(
+        "--repair",
+        action="store_true",
+        help="replace a wrongly cited rule title from the rulebook instead of rejecting the trace",
+    )
+    sy.add_argument(
+        "--responses",
+        default=None,
+        help="JSONL {id, response} (from `distill-responses --filtered`): "
+        "final responses of benign and borderline traces",
+    )
     sy.set_defaults(fn=cmd_synthesize)
 
-    dr = sub.add_parser("distill-responses", help="the base model answers benign and borderline prompts "
-                        "(resumable), then refusals, loops and unfinished answers are filtered out")
+    dr = sub.add_parser(
+        "distill-responses",
+        help="the base model answers benign and borderline prompts "
+        "(resumable), then refusals, loops and unfinished answers are filtered out",
+    )
     dr.add_argument("--prompts", required=True, help="JSONL of {id, prompt, label}")
     dr.add_argument("--out", required=True, help="raw answers, appended as they end; a rerun resumes")
     dr.add_argument("--filtered", default=None, help="also write the answers that pass the filter here")
@@ -454,8 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--batch-size", type=int, default=32)
     dr.add_argument("--max-new-tokens", type=int, default=320)
     dr.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
-    dr.add_argument("--redo-cut", action="store_true", help="answer again the rows cut at a smaller "
-                    "--max-new-tokens (their new answer replaces the old one)")
+    dr.add_argument(
+        "--redo-cut",
+        action="store_true",
+        help="answer again the rows cut at a smaller --max-new-tokens (their new answer replaces the old one)",
+    )
     dr.add_argument("--shard", default="0/1", help="i/n: answer every n-th prompt from the i-th (parallel runs)")
     dr.set_defaults(fn=cmd_distill_responses)
 
@@ -494,29 +576,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="safety evaluation: harmful compliance, over-refusal, traces; writes a report")
     ev.add_argument("--model", required=True, help="model folder, hub id, or smollm2 (the embedded default)")
     ev.add_argument("--gguf-file", default=None)
-    ev.add_argument("--baseline", default=None,
-                    help="model to compare against (folder, hub id, smollm2) or an earlier results.json / --out")
+    ev.add_argument(
+        "--baseline",
+        default=None,
+        help="model to compare against (folder, hub id, smollm2) or an earlier results.json / --out",
+    )
     ev.add_argument("--baseline-gguf-file", default=None)
-    ev.add_argument("--sets", nargs="+", default=["bundled"],
-                    help="bundled, PRESET=PATH (advbench, harmbench, strongreject, xstest, jbb, jbb_benign) "
-                         "or NAME=PATH[:preset]")
-    ev.add_argument("--columns", default=None,
-                    help="column overrides for file sets, e.g. prompt=question,label=y,default_label=harmful")
+    ev.add_argument(
+        "--sets",
+        nargs="+",
+        default=["bundled"],
+        help="bundled, PRESET=PATH (advbench, harmbench, strongreject, xstest, jbb, jbb_benign) or NAME=PATH[:preset]",
+    )
+    ev.add_argument(
+        "--columns",
+        default=None,
+        help="column overrides for file sets, e.g. prompt=question,label=y,default_label=harmful",
+    )
     ev.add_argument("--limit", type=int, default=None, help="at most N prompts per set, stratified by label")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     ev.add_argument("--judge-model", default=None)
     ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
     ev.add_argument("--out", required=True, help="output folder (results.json, report.md, *.png)")
-    ev.add_argument("--helpful-min-overlap", type=float, default=0.0,
-                    help="benign answers count as helpful only with this ROUGE-L recall of the reference (0: answered)")
+    ev.add_argument(
+        "--helpful-min-overlap",
+        type=float,
+        default=0.0,
+        help="benign answers count as helpful only with this ROUGE-L recall of the reference (0: answered)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sampling_flags(ev, 256)
     ev.set_defaults(fn=cmd_eval)
 
     be = sub.add_parser("bench", help="throughput: the JAX step against PyTorch (transformers, TRL) on the same work")
-    be.add_argument("--model", default="tiny",
-                    help="tiny, smollm2, llama3.2-1b, qwen2.5-1.5b, llama3.1-8b (random weights) or a HF folder")
+    be.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, smollm2, llama3.2-1b, qwen2.5-1.5b, llama3.1-8b (random weights) or a HF folder",
+    )
     be.add_argument("--task", default="sft", help="sft or prefopt (sigmoid DPO, frozen reference)")
     be.add_argument("--seq", type=int, default=512)
     be.add_argument("--batch", type=int, default=4, help="rows (sft) or pairs (prefopt) per step")
@@ -535,8 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default=None, help="run folder (default runs/demo; an existing one resumes)")
     d.add_argument("--quick", action="store_true", help="the same pipeline on a tiny random model (minutes)")
     d.add_argument("--full", action="store_true", help="all bundled data and eval prompts (hours on CPU)")
-    d.add_argument("--time-budget", type=float, default=30.0, metavar="MINUTES",
-                   help="size the run to about this wall time on this machine (default 30)")
+    d.add_argument(
+        "--time-budget",
+        type=float,
+        default=30.0,
+        metavar="MINUTES",
+        help="size the run to about this wall time on this machine (default 30)",
+    )
     d.set_defaults(fn=cmd_demo)
     return p
 
@@ -550,8 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as e:
         print(f"safer-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.fn(args)
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # our errors name the file and key: no traceback

@@ -53,9 +53,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         errors = []
         for a in args:
             if a is type(None):
@@ -124,8 +123,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys: "
-            + ", ".join(prefix + n for n in sorted(names))
+            f"unknown config key {prefix}{unknown[0]}; valid keys: " + ", ".join(prefix + n for n in sorted(names))
         )
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
@@ -223,8 +221,13 @@ class PreferenceConfig:
     cache_dir: str | None = None  # default: $SAFER_JAX_CACHE/ref_logps or ~/.cache/safer-jax/ref_logps
 
     def hparams(self) -> dict[str, float]:
-        return {"beta": self.beta, "label_smoothing": self.label_smoothing, "alpha": self.alpha,
-                "gamma": self.gamma, "rpo_lambda": self.rpo_lambda}
+        return {
+            "beta": self.beta,
+            "label_smoothing": self.label_smoothing,
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "rpo_lambda": self.rpo_lambda,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,9 +66,19 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
     """Split the budget: fixed costs (loading, compiling), two evaluations, SFT, preference optimization."""
     model = "tiny" if quick else "smollm2"
     if quick:
-        return DemoPlan(model, (8, 8, 4), 48, 8, 12, 0.0, ("data.seq_len=384", "data.batch_size=8",
-                        "optimizer.lr=3e-3"), 32, 8, 0.0, ("data.seq_len=384", "data.batch_size=4",
-                        "optimizer.lr=1e-3", "preference.beta=0.5"))
+        return DemoPlan(
+            model,
+            (8, 8, 4),
+            48,
+            8,
+            12,
+            0.0,
+            ("data.seq_len=384", "data.batch_size=8", "optimizer.lr=3e-3"),
+            32,
+            8,
+            0.0,
+            ("data.seq_len=384", "data.batch_size=4", "optimizer.lr=1e-3", "preference.beta=0.5"),
+        )
     seq, bs = 512, 4
     pref_seq, pref_bs = 256, 4
     gen_batch = 64
@@ -85,10 +95,22 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
         # cached reference: a step costs about as much as SFT on 2 x pref_bs rows of pref_seq
         pref_steps = max(2, int(pref_min * 60 * TRAIN_TPS[model] / (2 * pref_bs * pref_seq)))
         pref_pairs = pref_steps * pref_bs
-    sft = (f"data.seq_len={seq}", f"data.batch_size={bs}", "optimizer.lr=2.5e-4", "optimizer.schedule=constant",
-           "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0")
-    pref = (f"data.seq_len={pref_seq}", f"data.batch_size={pref_bs}", "optimizer.lr=1e-5",
-            "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
+    sft = (
+        f"data.seq_len={seq}",
+        f"data.batch_size={bs}",
+        "optimizer.lr=2.5e-4",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "optimizer.weight_decay=0.0",
+    )
+    pref = (
+        f"data.seq_len={pref_seq}",
+        f"data.batch_size={pref_bs}",
+        "optimizer.lr=1e-5",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "preference.beta=0.1",
+    )
     return DemoPlan(model, counts, mnt, gen_batch, sft_steps, sft_min, sft, pref_pairs, pref_steps, pref_min, pref)
 
 
@@ -136,8 +158,9 @@ def _base_model(plan: DemoPlan, run_dir: Path) -> tuple[str, str | None]:
             from safer_jax.models.tiny import build_tiny_model
 
             traces = load_traces(bundled("train_traces.jsonl"))
-            build_tiny_model(folder, [t.prompt for t in traces] + [t.response for t in traces]
-                             + [str(t.steps) for t in traces])
+            build_tiny_model(
+                folder, [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
+            )
         return str(folder), None
     from safer_jax.models.embedded import smollm2_location
 
@@ -154,12 +177,19 @@ def _evaluate(path: str, gguf: str | None, examples: list[Any], plan: DemoPlan, 
     t0 = time.time()
     model = from_pretrained(path, gguf_file=gguf)
     tok = load_tokenizer(path, gguf)
-    return run_eval(model, tok, examples, SamplingConfig(max_new_tokens=plan.max_new_tokens, greedy=True),
-                    batch_size=plan.gen_batch, info={"model": name, "name": name, "load_s": round(time.time() - t0, 1)})
+    return run_eval(
+        model,
+        tok,
+        examples,
+        SamplingConfig(max_new_tokens=plan.max_new_tokens, greedy=True),
+        batch_size=plan.gen_batch,
+        info={"model": name, "name": name, "load_s": round(time.time() - t0, 1)},
+    )
 
 
-def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bool = False,
-             budget_minutes: float = 30.0) -> dict[str, Any]:
+def run_demo(
+    run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bool = False, budget_minutes: float = 30.0
+) -> dict[str, Any]:
     """Run (or resume) every stage; returns the report paths and the headline numbers."""
     from safer_jax.config import PrefOptConfig, SFTConfig, load_config
     from safer_jax.evaluation import EvalResult, write_report
@@ -171,9 +201,11 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
     st.data["plan"] = plan.to_json()
     st.save()
     t_all = time.time()
-    _say(f"safer-jax demo: {run_dir} ({'quick, tiny model' if quick else 'SmolLM2-135M-Instruct'}); plan: "
-         f"{sum(plan.eval_counts) or 'all'} eval prompts x2, SFT {plan.sft_steps} steps, preference "
-         f"{plan.pref_steps} steps" + (f"; budget {budget_minutes:g} min" if not (quick or full) else ""))
+    _say(
+        f"safer-jax demo: {run_dir} ({'quick, tiny model' if quick else 'SmolLM2-135M-Instruct'}); plan: "
+        f"{sum(plan.eval_counts) or 'all'} eval prompts x2, SFT {plan.sft_steps} steps, preference "
+        f"{plan.pref_steps} steps" + (f"; budget {budget_minutes:g} min" if not (quick or full) else "")
+    )
     base_path, base_gguf = _base_model(plan, run_dir)
     examples = eval_examples(plan.eval_counts)
 
@@ -197,16 +229,27 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
         sft_data = run_dir / "sft_traces.jsonl"
         n_traces = _write_sft_traces(sft_data, harmful_copies=1 if plan.model == "tiny" else HARMFUL_COPIES)
         _say(f"{n_traces} SFT traces in {sft_data}")
-        cfg = load_config(SFTConfig, None, [f"run_dir={sft_dir}", f"model.path={base_path}",
-                                            f"model.gguf_file={base_gguf}", f"data.train={sft_data}",
-                                            f"train.steps={plan.sft_steps}", f"train.max_minutes={plan.sft_minutes}",
-                                            f"train.checkpoint_every={max(plan.sft_steps // 3, 1)}",
-                                            "train.log_every=1", *plan.sft_overrides])
+        cfg = load_config(
+            SFTConfig,
+            None,
+            [
+                f"run_dir={sft_dir}",
+                f"model.path={base_path}",
+                f"model.gguf_file={base_gguf}",
+                f"data.train={sft_data}",
+                f"train.steps={plan.sft_steps}",
+                f"train.max_minutes={plan.sft_minutes}",
+                f"train.checkpoint_every={max(plan.sft_steps // 3, 1)}",
+                "train.log_every=1",
+                *plan.sft_overrides,
+            ],
+        )
         res = train_sft(cfg)
         if res.get("preempted"):
             raise SystemExit("SIGTERM: SFT checkpoint saved; rerun the demo to continue")
-        st.finish("sft", time.time() - t0, steps=res["step"], loss=res.get("loss"),
-                  tokens_per_s=res.get("tokens_per_s"))
+        st.finish(
+            "sft", time.time() - t0, steps=res["step"], loss=res.get("loss"), tokens_per_s=res.get("tokens_per_s")
+        )
     # 3. pairs
     pairs_file = run_dir / "pairs.jsonl"
     if not st.done("pairs"):
@@ -219,17 +262,32 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
         t0 = stage("stage 2: step-level preference optimization", 4)
         from safer_jax.training.prefopt_loop import train_prefopt
 
-        cfg = load_config(PrefOptConfig, None, [f"run_dir={pref_dir}", f"model.path={sft_dir / 'export'}",
-                                                f"data.train={pairs_file}", f"train.steps={plan.pref_steps}",
-                                                f"train.max_minutes={plan.pref_minutes}",
-                                                f"train.checkpoint_every={max(plan.pref_steps // 2, 1)}",
-                                                "train.log_every=1", f"preference.cache_dir={run_dir / 'ref_cache'}",
-                                                *plan.pref_overrides])
+        cfg = load_config(
+            PrefOptConfig,
+            None,
+            [
+                f"run_dir={pref_dir}",
+                f"model.path={sft_dir / 'export'}",
+                f"data.train={pairs_file}",
+                f"train.steps={plan.pref_steps}",
+                f"train.max_minutes={plan.pref_minutes}",
+                f"train.checkpoint_every={max(plan.pref_steps // 2, 1)}",
+                "train.log_every=1",
+                f"preference.cache_dir={run_dir / 'ref_cache'}",
+                *plan.pref_overrides,
+            ],
+        )
         res = train_prefopt(cfg)
         if res.get("preempted"):
             raise SystemExit("SIGTERM: preference checkpoint saved; rerun the demo to continue")
-        st.finish("prefopt", time.time() - t0, steps=res["step"], loss=res.get("loss"),
-                  margin=res.get("rewards/margin"), accuracy=res.get("rewards/accuracy"))
+        st.finish(
+            "prefopt",
+            time.time() - t0,
+            steps=res["step"],
+            loss=res.get("loss"),
+            margin=res.get("rewards/margin"),
+            accuracy=res.get("rewards/accuracy"),
+        )
     final_model = run_dir / "model"
     if not (final_model / "config.json").exists():
         shutil.copytree(pref_dir / "export", final_model, dirs_exist_ok=True)
@@ -247,16 +305,25 @@ def run_demo(run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bo
     paths = write_report(run_dir / "report", final, base, title="Evaluation: aligned model vs. baseline")
     st.finish("report", time.time() - t0)
     report = run_dir / "report.md"
-    report.write_text(_demo_markdown(st.data, plan, quick) + "\n"
-                      + paths["report"].read_text().replace("](", "](report/"), encoding="utf-8")
+    report.write_text(
+        _demo_markdown(st.data, plan, quick) + "\n" + paths["report"].read_text().replace("](", "](report/"),
+        encoding="utf-8",
+    )
     _say(f"\nwrote {report}\n" + _summary_line(st.data))
     return {"report": report, "paths": paths, "state": st.data}
 
 
 def _headline(res: Any) -> dict[str, Any]:
     o = res.metrics["overall"]
-    keys = ("harmful_compliance", "over_refusal", "helpfulness", "borderline_handled", "unfinished_rate",
-            "trace_validity", "mean_completion_tokens")
+    keys = (
+        "harmful_compliance",
+        "over_refusal",
+        "helpfulness",
+        "borderline_handled",
+        "unfinished_rate",
+        "trace_validity",
+        "mean_completion_tokens",
+    )
     return {k: o.get(k) for k in keys} | {"generate_s": res.info.get("generate_s")}
 
 
@@ -300,31 +367,50 @@ def _pct(v: Any) -> str:
 
 def _summary_line(data: dict[str, Any]) -> str:
     b, f = data["stages"].get("baseline", {}), data["stages"].get("final", {})
-    return (f"harmful compliance {_pct(b.get('harmful_compliance'))} -> {_pct(f.get('harmful_compliance'))}; "
-            f"benign answered {_pct(b.get('helpfulness'))} -> {_pct(f.get('helpfulness'))}; "
-            f"over-refusal {_pct(b.get('over_refusal'))} -> {_pct(f.get('over_refusal'))}")
+    return (
+        f"harmful compliance {_pct(b.get('harmful_compliance'))} -> {_pct(f.get('harmful_compliance'))}; "
+        f"benign answered {_pct(b.get('helpfulness'))} -> {_pct(f.get('helpfulness'))}; "
+        f"over-refusal {_pct(b.get('over_refusal'))} -> {_pct(f.get('over_refusal'))}"
+    )
 
 
 def _demo_markdown(data: dict[str, Any], plan: DemoPlan, quick: bool) -> str:
     s = data["stages"]
     total = sum(v["seconds"] for v in s.values())
-    lines = ["# safer-jax demo", "",
-             ("A tiny random model (pipeline check only: its numbers mean nothing)." if quick else
-              "SmolLM2-135M-Instruct (embedded default, dequantized from Q4_1 GGUF): baseline, SFT on the bundled "
-              "Ex-Ante traces, step-level preference optimization on pairs built from them, evaluation again."),
-             "", f"**Headline:** {_summary_line(data)}.", "", "## Stages", "", "| stage | wall time | details |",
-             "| --- | --- | --- |"]
+    lines = [
+        "# safer-jax demo",
+        "",
+        (
+            "A tiny random model (pipeline check only: its numbers mean nothing)."
+            if quick
+            else "SmolLM2-135M-Instruct (embedded default, dequantized from Q4_1 GGUF): baseline, SFT on the bundled "
+            "Ex-Ante traces, step-level preference optimization on pairs built from them, evaluation again."
+        ),
+        "",
+        f"**Headline:** {_summary_line(data)}.",
+        "",
+        "## Stages",
+        "",
+        "| stage | wall time | details |",
+        "| --- | --- | --- |",
+    ]
     for name in STAGES:
         if name in s:
             info = {k: v for k, v in s[name].items() if k != "seconds"}
             details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
             lines.append(f"| {name} | {s[name]['seconds'] / 60:.1f} min | {details} |")
-    lines += [f"| total | {total / 60:.1f} min | |", "",
-              f"Plan: {json.dumps(plan.to_json())}", "",
-              f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} on the real "
-              f"model); preference pairs sampled evenly over {', '.join(DECISION_KINDS)} (`pairs.jsonl`). "
-              "The evaluation prompts share no 8-word span with any training prompt (tests/test_bundled_data.py).", "",
-              "Artifacts: `sft/` and `prefopt/` (config, metrics.jsonl, TensorBoard, checkpoints, export), "
-              "`pairs.jsonl`, `ref_cache/`, `model/` (the aligned model, a HF folder), `baseline/` and `final/` "
-              "(results.json), `report/` (plots).", ""]
+    lines += [
+        f"| total | {total / 60:.1f} min | |",
+        "",
+        f"Plan: {json.dumps(plan.to_json())}",
+        "",
+        f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} on the real "
+        f"model); preference pairs sampled evenly over {', '.join(DECISION_KINDS)} (`pairs.jsonl`). "
+        "The evaluation prompts share no 8-word span with any training prompt (tests/test_bundled_data.py).",
+        "",
+        "Artifacts: `sft/` and `prefopt/` (config, metrics.jsonl, TensorBoard, checkpoints, export), "
+        "`pairs.jsonl`, `ref_cache/`, `model/` (the aligned model, a HF folder), `baseline/` and `final/` "
+        "(results.json), `report/` (plots).",
+        "",
+    ]
     return "\n".join(lines)

@@ -70,8 +70,10 @@ def start_spec(env: Mapping[str, str] | None = None) -> StartSpec:
     if given:
         missing = [k for k in EXPLICIT if not env.get(k)]
         if missing:
-            raise DistributedError(f"{ENABLE}=1 with {', '.join(given)} set but {', '.join(missing)} missing: "
-                                   f"set all of {', '.join(EXPLICIT)}")
+            raise DistributedError(
+                f"{ENABLE}=1 with {', '.join(given)} set but {', '.join(missing)} missing: "
+                f"set all of {', '.join(EXPLICIT)}"
+            )
         n, i = _int(env, "JAX_NUM_PROCESSES"), _int(env, "JAX_PROCESS_ID")
         if n < 1 or not 0 <= i < n:
             raise DistributedError(f"JAX_PROCESS_ID={i} must lie in [0, JAX_NUM_PROCESSES={n})")
@@ -83,11 +85,18 @@ def start_spec(env: Mapping[str, str] | None = None) -> StartSpec:
         return StartSpec("slurm", base)
     if env.get("OMPI_COMM_WORLD_SIZE") or env.get("OMPI_MCA_orte_hnp_uri"):
         return StartSpec("ompi", base)
-    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE") or env.get("CLOUD_TPU_TASK_ID") \
-            or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):
+    if (
+        env.get("TPU_WORKER_HOSTNAMES")
+        or env.get("TPU_ACCELERATOR_TYPE")
+        or env.get("CLOUD_TPU_TASK_ID")
+        or os.path.exists("/dev/accel0")
+        or os.path.exists("/dev/vfio/0")
+    ):
         return StartSpec("tpu", base)
-    raise DistributedError(f"{ENABLE}=1 but no cluster was detected (not a Cloud TPU VM, SLURM or Open MPI job): "
-                           f"set {', '.join(EXPLICIT)} on every process")
+    raise DistributedError(
+        f"{ENABLE}=1 but no cluster was detected (not a Cloud TPU VM, SLURM or Open MPI job): "
+        f"set {', '.join(EXPLICIT)} on every process"
+    )
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> float:
@@ -105,9 +114,11 @@ def wait_for_coordinator(address: str, timeout_s: float) -> float:
                 return time.monotonic() - t0
         except OSError as e:
             if time.monotonic() - t0 >= timeout_s:
-                raise DistributedError(f"the JAX coordinator at {address} (JAX_COORDINATOR_ADDRESS) was unreachable "
-                                       f"for {timeout_s:.0f} s ({e.strerror or e}): start process 0 there, or fix the "
-                                       f"address; {TIMEOUT} sets this wait") from None
+                raise DistributedError(
+                    f"the JAX coordinator at {address} (JAX_COORDINATOR_ADDRESS) was unreachable "
+                    f"for {timeout_s:.0f} s ({e.strerror or e}): start process 0 there, or fix the "
+                    f"address; {TIMEOUT} sets this wait"
+                ) from None
             time.sleep(0.5)
 
 
@@ -128,12 +139,16 @@ def initialize(env: Mapping[str, str] | None = None, log: Any = print) -> StartS
         jax.distributed.initialize(**spec.kwargs)
     except Exception as e:  # XLA raises plain RuntimeErrors / XlaRuntimeErrors
         where = spec.describe()
-        raise DistributedError(f"distributed start-up failed ({where}, timeout "
-                               f"{spec.kwargs['initialization_timeout']} s): {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}. Check that process 0 is running and "
-                               f"that the coordinator address is reachable from every host") from e
-    log(f"distributed: {spec.describe()}: process {jax.process_index()}/{jax.process_count()}, "
-        f"{jax.local_device_count()} local of {jax.device_count()} devices")
+        raise DistributedError(
+            f"distributed start-up failed ({where}, timeout "
+            f"{spec.kwargs['initialization_timeout']} s): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Check that process 0 is running and "
+            f"that the coordinator address is reachable from every host"
+        ) from e
+    log(
+        f"distributed: {spec.describe()}: process {jax.process_index()}/{jax.process_count()}, "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices"
+    )
     return spec
 
 
@@ -158,8 +173,10 @@ def from_process_0(value: Any) -> Any:
         return value
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
-                        multihost_utils.broadcast_one_to_all(value))
+    return jax.tree.map(
+        lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
+        multihost_utils.broadcast_one_to_all(value),
+    )
 
 
 def check_same(value: str, what: str) -> None:
@@ -173,5 +190,6 @@ def check_same(value: str, what: str) -> None:
     digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
     gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
     if len(set(gathered.tolist())) > 1:
-        raise DistributedError(f"processes disagree on {what} (this process: {value!r}); every host must see the "
-                               "same files and settings")
+        raise DistributedError(
+            f"processes disagree on {what} (this process: {value!r}); every host must see the same files and settings"
+        )

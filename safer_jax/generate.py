@@ -234,18 +234,30 @@ def sample_batch(
     ids = np.full((b, p), pad_id, np.int32)
     seg = np.zeros((b, p), np.int32)
     for i, row in enumerate(prompts):
-        ids[i, p - len(row):], seg[i, p - len(row):] = row, 1
-    seg[len(prompts):, -1] = 1  # batch-padding rows: one pad token, finished from the start
+        ids[i, p - len(row) :], seg[i, p - len(row) :] = row, 1
+    seg[len(prompts) :, -1] = 1  # batch-padding rows: one pad token, finished from the start
     active = np.arange(b) < len(prompts)
     eos = np.full((_pow2(len(eos_ids), 4),), -1, np.int32)
     eos[: len(eos_ids)] = eos_ids
     graphdef, state = _placed_state(model, mesh)
     key = jax.random.fold_in(jax.random.key(sampling.seed), stream)
-    sampler = Sampler(sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p),
-                      sampling.logit_bias)
-    ds = _prefill_jit(graphdef, state, _put(ids, mesh, ("batch", None)), _put(seg, mesh, ("batch", None)),
-                      _put(active, mesh, ("batch",)), key, jnp.asarray(eos), jnp.int32(pad_id),
-                      sampler=sampler, slots=slots, record_logits=record_logits, mesh=mesh)
+    sampler = Sampler(
+        sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p), sampling.logit_bias
+    )
+    ds = _prefill_jit(
+        graphdef,
+        state,
+        _put(ids, mesh, ("batch", None)),
+        _put(seg, mesh, ("batch", None)),
+        _put(active, mesh, ("batch",)),
+        key,
+        jnp.asarray(eos),
+        jnp.int32(pad_id),
+        sampler=sampler,
+        slots=slots,
+        record_logits=record_logits,
+        mesh=mesh,
+    )
     stops = sampling.stop_strings
     stop_at: dict[int, int] = {}  # row -> tokens kept (through the stop string)
     checked = [0] * len(prompts)
@@ -326,8 +338,13 @@ def chat_tokenizer(tokenizer: Any, system_prompt: str | None = None, fmt: TraceF
     if isinstance(tokenizer, ChatTokenizer):
         if (system_prompt is None or system_prompt == tokenizer.system_prompt) and fmt in (None, tokenizer.fmt):
             return tokenizer
-        return ChatTokenizer(tokenizer.tok, system_prompt if system_prompt is not None else tokenizer.system_prompt,
-                             tokenizer.name, tokenizer.template_kwargs, fmt or tokenizer.fmt)
+        return ChatTokenizer(
+            tokenizer.tok,
+            system_prompt if system_prompt is not None else tokenizer.system_prompt,
+            tokenizer.name,
+            tokenizer.template_kwargs,
+            fmt or tokenizer.fmt,
+        )
     return ChatTokenizer(tokenizer, system_prompt, fmt=fmt or TraceFormat())
 
 
@@ -379,7 +396,7 @@ def generate_chat(
     tok = ct.tok
     encoded = [chat_prompt_ids(ct, row) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     eos = model_eos_ids(model.config, ct.stop_ids())
     pad = tok.pad_token_id if tok.pad_token_id is not None else (model.config.pad_token_id or 0)
 
@@ -387,13 +404,26 @@ def generate_chat(
         return tok.decode(ids, skip_special_tokens=True)
 
     results: list[dict] = [{} for _ in rows]
-    bar = tqdm(total=len(batches) * sampling.max_new_tokens, desc=f"generate ({len(batches)} batches)", unit="step",
-               disable=not progress, mininterval=2.0)
+    bar = tqdm(
+        total=len(batches) * sampling.max_new_tokens,
+        desc=f"generate ({len(batches)} batches)",
+        unit="step",
+        disable=not progress,
+        mininterval=2.0,
+    )
     for n, idx in enumerate(batches):
         done_before = n * sampling.max_new_tokens
-        out = sample_batch(model, [encoded[i] for i in idx], sampling, eos_ids=eos, pad_id=pad, mesh=mesh,
-                           decode=decode, stream=n,
-                           on_progress=(lambda step: bar.update(done_before + step - bar.n)) if progress else None)
+        out = sample_batch(
+            model,
+            [encoded[i] for i in idx],
+            sampling,
+            eos_ids=eos,
+            pad_id=pad,
+            mesh=mesh,
+            decode=decode,
+            stream=n,
+            on_progress=(lambda step, d=done_before: bar.update(d + step - bar.n)) if progress else None,
+        )
         bar.update(done_before + sampling.max_new_tokens - bar.n)
         for i, ids, reason in zip(idx, out.tokens, out.finish_reasons):
             text = decode(ids)
@@ -402,8 +432,14 @@ def generate_chat(
                 text = text[:cut]
             prefix = "".join(_prefix_parts(rows[i]))
             reasoning, response = split_think(prefix + text, ct.fmt)
-            results[i] = {"id": rows[i].get("id", i), "text": prefix + text, "reasoning": reasoning,
-                          "response": response, "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids),
-                          "finish_reason": reason}
+            results[i] = {
+                "id": rows[i].get("id", i),
+                "text": prefix + text,
+                "reasoning": reasoning,
+                "response": response,
+                "prompt_tokens": len(encoded[i]),
+                "completion_tokens": len(ids),
+                "finish_reason": reason,
+            }
     bar.close()
     return results

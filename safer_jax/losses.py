@@ -84,8 +84,9 @@ class _Layout:
         return u, offs >= j * self.k, ids, lax.dynamic_slice_in_dim(w3, u, self.k, axis=2)
 
 
-def _forward(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
-             ) -> tuple[jax.Array, jax.Array]:
+def _forward(
+    hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
+) -> tuple[jax.Array, jax.Array]:
     """(log p(targets) `[B, T]`, logsumexp of the logits `[B, T]`), both in the accumulation dtype.
 
     Online logsumexp over vocabulary tiles: running max m and running sum z of exp(logit - m).
@@ -120,8 +121,16 @@ def _forward(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vo
     return lax.fori_loop(0, lay.n_t, token_tile, (jnp.zeros((b, lay.t), acc), jnp.zeros((b, lay.t), acc)))
 
 
-def _backward(hidden: jax.Array, w: jax.Array, targets: jax.Array, lse: jax.Array, g: jax.Array, chunk: int,
-              vocab_chunk: int, vocab_blocks: int) -> tuple[jax.Array, jax.Array]:
+def _backward(
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    lse: jax.Array,
+    g: jax.Array,
+    chunk: int,
+    vocab_chunk: int,
+    vocab_blocks: int,
+) -> tuple[jax.Array, jax.Array]:
     """(dL/dhidden `[B, T, D]`, dL/dw `[D, V]`) for cotangent g `[B, T]` of log p(targets).
 
     d log p(y) / d logit_v = [v == y] - softmax_v, recomputed tile by tile from the saved lse.
@@ -162,19 +171,22 @@ def _backward(hidden: jax.Array, w: jax.Array, targets: jax.Array, lse: jax.Arra
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _tiled_token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int,
-                       vocab_blocks: int) -> jax.Array:
+def _tiled_token_logps(
+    hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
+) -> jax.Array:
     return _forward(hidden, w, targets, chunk, vocab_chunk, vocab_blocks)[0]
 
 
-def _tiled_fwd(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
-               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _tiled_fwd(
+    hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, vocab_chunk: int, vocab_blocks: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     lp, lse = _forward(hidden, w, targets, chunk, vocab_chunk, vocab_blocks)
     return lp, (hidden, w, targets, lse)  # residuals: the inputs and [B, T] statistics, no logits
 
 
-def _tiled_bwd(chunk: int, vocab_chunk: int, vocab_blocks: int, res: tuple[jax.Array, ...], g: jax.Array
-               ) -> tuple[jax.Array, jax.Array, None]:
+def _tiled_bwd(
+    chunk: int, vocab_chunk: int, vocab_blocks: int, res: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array, jax.Array, None]:
     hidden, w, targets, lse = res
     dh, dw = _backward(hidden, w, targets, lse, g, chunk, vocab_chunk, vocab_blocks)
     return dh, dw, None  # targets are integers: no cotangent
@@ -204,8 +216,14 @@ def _auto_vocab_chunk(b: int, t: int, v: int, dtype: Any) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "vocab_chunk", "vocab_blocks"))  # one compile when eager
-def token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int = 512,
-                vocab_chunk: int | None = None, vocab_blocks: int = 16) -> jax.Array:
+def token_logps(
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    chunk_size: int = 512,
+    vocab_chunk: int | None = None,
+    vocab_blocks: int = 16,
+) -> jax.Array:
     """log p(targets) `[B, T]` (float32, or float64 for float64 inputs) from hidden `[B, T, D]`,
     output weights `[D, V]` and integer targets `[B, T]`.
 
@@ -303,8 +321,7 @@ def _simpo(pc, pr, rc, rr, lc, lr, h):
     return _smoothed(wc - wr - h["gamma"], h["label_smoothing"]), wc, wr
 
 
-PREFERENCE_LOSSES = {"sigmoid": _sigmoid, "ipo": _ipo, "sigmoid_norm": _sigmoid_norm, "rdpo": _rdpo,
-                     "simpo": _simpo}
+PREFERENCE_LOSSES = {"sigmoid": _sigmoid, "ipo": _ipo, "sigmoid_norm": _sigmoid_norm, "rdpo": _rdpo, "simpo": _simpo}
 REFERENCE_FREE = ("simpo",)
 
 

@@ -17,14 +17,30 @@ from typing import Any
 from safer_jax.paths import as_path, copy_file, is_remote, upload_dir
 
 # bf16 dense peak TFLOP/s per device
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
-               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0, "tpu v6 lite": 918.0, "tpu v6e": 918.0}
+PEAK_TFLOPS = {
+    "h100": 989.0,
+    "h200": 989.0,
+    "a100": 312.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
+}
 
 
 def matmul_params(cfg: Any) -> int:
     """N: parameters in matmuls (the output projection counts, the input embedding does not)."""
-    d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.vocab_size)
+    d, f, n, k, h, v = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
     per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
     return cfg.num_layers * per_layer + d * v
 
@@ -76,8 +92,9 @@ class Tracker:
     resumed run downloads the earlier `metrics.jsonl` first, so its rows are kept.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 sync_seconds: float = 30.0):
+    def __init__(
+        self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True, sync_seconds: float = 30.0
+    ):
         self.enabled = enabled
         self.file = None
         self.tb = None
@@ -95,7 +112,7 @@ class Tracker:
             local = Path(self.run_dir)
         self.local = local
         local.mkdir(parents=True, exist_ok=True)
-        self.file = open(local / "metrics.jsonl", "a", encoding="utf-8")
+        self.file = open(local / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter

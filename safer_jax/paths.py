@@ -133,14 +133,19 @@ def remote_files(url: PathLike) -> dict[str, dict[str, Any]]:
     root = root.rstrip("/")
     fs.invalidate_cache(root)  # a folder rewritten earlier in this process must be listed afresh
     found = fs.find(root, detail=True)
-    return {name[len(root) + 1:]: info for name, info in found.items()
-            if info.get("type") != "directory" and name.startswith(root + "/")}
+    return {
+        name[len(root) + 1 :]: info
+        for name, info in found.items()
+        if info.get("type") != "directory" and name.startswith(root + "/")
+    }
 
 
 def remote_fingerprint(files: dict[str, dict[str, Any]]) -> str:
     """Digest of a remote folder's listing: each name, size and content hash (or version stamp)."""
-    stamp = [(name, info.get("size"), next((str(info[k]) for k in _CONTENT_KEYS if info.get(k)), ""))
-             for name, info in sorted(files.items())]
+    stamp = [
+        (name, info.get("size"), next((str(info[k]) for k in _CONTENT_KEYS if info.get(k)), ""))
+        for name, info in sorted(files.items())
+    ]
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24]
 
 

@@ -40,8 +40,9 @@ def _previous(path: Path) -> dict[str, dict]:
     return rows
 
 
-def _torch_greedy(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: Sequence[int],
-                  pad_id: int) -> Iterator[tuple[int, list[int], str]]:
+def _torch_greedy(
+    model: Any, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int
+) -> Iterator[tuple[int, list[int], str]]:
     """Greedy decoding of left-padded prompts; yields (row, new token ids, finish_reason) as each
     row ends, and drops ended rows from the batch and the cache."""
     import torch
@@ -76,14 +77,28 @@ def _torch_greedy(model: Any, prompts: Sequence[list[int]], max_new_tokens: int,
                 alive, nxt, mask, last_pos = alive[keep], nxt[keep], mask[keep], last_pos[keep]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             last_pos = last_pos + 1
-            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                        past_key_values=cache, use_cache=True)
+            res = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1)
 
 
-def answer_prompts(rows: Sequence[dict], out: str | Path, *, model: str = "smollm2", backend: str = "torch",
-                   batch_size: int = 32, max_new_tokens: int = 320, threads: int | None = None,
-                   redo_cut: bool = False, log: Callable[[str], None] = print) -> int:
+def answer_prompts(
+    rows: Sequence[dict],
+    out: str | Path,
+    *,
+    model: str = "smollm2",
+    backend: str = "torch",
+    batch_size: int = 32,
+    max_new_tokens: int = 320,
+    threads: int | None = None,
+    redo_cut: bool = False,
+    log: Callable[[str], None] = print,
+) -> int:
     """Answer every row ({"id", "prompt", "label"}) not yet in `out`, greedily, with the plain chat
     template (no system prompt of ours: the template's default, as the evaluation runs it).
     Appends {"id", "prompt", "label", "response", "completion_tokens", "finish_reason", "model"}
@@ -96,18 +111,24 @@ def answer_prompts(rows: Sequence[dict], out: str | Path, *, model: str = "smoll
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prev = _previous(out)
-    cut = {k: r for k, r in prev.items() if redo_cut and r.get("finish_reason") == "length"
-           and r.get("completion_tokens", 0) < max_new_tokens}
+    cut = {
+        k: r
+        for k, r in prev.items()
+        if redo_cut and r.get("finish_reason") == "length" and r.get("completion_tokens", 0) < max_new_tokens
+    }
     todo = [r for r in rows if str(r["id"]) not in prev or str(r["id"]) in cut]
     done = set(prev) - set(cut)
-    log(f"{len(done)} already answered in {out}, {len(todo)} to go ({backend}, batch {batch_size}, "
-        f"max_new_tokens {max_new_tokens})")
+    log(
+        f"{len(done)} already answered in {out}, {len(todo)} to go ({backend}, batch {batch_size}, "
+        f"max_new_tokens {max_new_tokens})"
+    )
     if not todo:
         return 0
     tok, encode_model = _load(model, backend, threads)
     encoded = [chat_prompt_ids(tok, r) for r in todo]
-    started = [tok.encode(cut[str(r["id"])]["response"], add_special_tokens=False) if str(r["id"]) in cut else []
-               for r in todo]
+    started = [
+        tok.encode(cut[str(r["id"])]["response"], add_special_tokens=False) if str(r["id"]) in cut else [] for r in todo
+    ]
     order = sorted(range(len(todo)), key=lambda i: (len(started[i]), len(encoded[i])))
     written, t0 = 0, time.perf_counter()
     if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
@@ -115,15 +136,26 @@ def answer_prompts(rows: Sequence[dict], out: str | Path, *, model: str = "smoll
             f.write("\n")
     with open(out, "a", encoding="utf-8") as f:
         for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
+            idx = order[b : b + batch_size]
             budget = max_new_tokens - max(len(started[i]) for i in idx)
             for j, new, reason in encode_model([encoded[i] + started[i] for i in idx], budget):
                 r = todo[idx[j]]
                 new = started[idx[j]] + new
-                f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "label": r.get("label"),
-                                    "response": tok.decode(new, skip_special_tokens=True).strip(),
-                                    "completion_tokens": len(new), "finish_reason": reason, "model": model},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": r["id"],
+                            "prompt": r["prompt"],
+                            "label": r.get("label"),
+                            "response": tok.decode(new, skip_special_tokens=True).strip(),
+                            "completion_tokens": len(new),
+                            "finish_reason": reason,
+                            "model": model,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 f.flush()
                 written += 1
             log(f"{written}/{len(todo)} answered, {time.perf_counter() - t0:.0f} s")

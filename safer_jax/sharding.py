@@ -70,12 +70,16 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     known = math.prod(s for s in sizes if s != -1)
     if free:
         if n % known:
-            raise ValueError(f"mesh: {n} devices ({jax.process_count()} processes) are not divisible by the fixed "
-                             f"axes {config.shape()}")
+            raise ValueError(
+                f"mesh: {n} devices ({jax.process_count()} processes) are not divisible by the fixed "
+                f"axes {config.shape()}"
+            )
         sizes[free[0]] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, but jax.devices() has "
-                         f"{n} ({jax.process_count()} processes); fix the mesh section of the config")
+        raise ValueError(
+            f"mesh: {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, but jax.devices() has "
+            f"{n} ({jax.process_count()} processes); fix the mesh section of the config"
+        )
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     slices = {getattr(d, "slice_index", None) for d in devices}
     if sizes[0] > 1 and None not in slices and len(slices) > 1:
@@ -122,7 +126,10 @@ def logical_to_spec(
                         _logged_fallbacks.add(key)
                         log.warning(
                             "sharding: %s=%d is not divisible by mesh axes %s (size %d); replicating it there",
-                            name, shape[i], axes, size,
+                            name,
+                            shape[i],
+                            axes,
+                            size,
                         )
                     axes = ()
         used.update(axes)

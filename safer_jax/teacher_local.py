@@ -21,8 +21,14 @@ class LocalTeacher:
 
     name = "local"
 
-    def __init__(self, rules: RuleBook, model_path: str, gguf_file: str | None = None, max_new_tokens: int = 512,
-                 fmt: TraceFormat = TraceFormat()):
+    def __init__(
+        self,
+        rules: RuleBook,
+        model_path: str,
+        gguf_file: str | None = None,
+        max_new_tokens: int = 512,
+        fmt: TraceFormat = TraceFormat(),
+    ):
         from transformers import AutoTokenizer
 
         from safer_jax.models import from_pretrained
@@ -35,8 +41,9 @@ class LocalTeacher:
     def __call__(self, rec: PromptRecord) -> Trace:
         from safer_jax.generate import greedy_generate
 
-        ids = self.tok.apply_chat_template(teacher_messages(rec, self.rules, self.fmt), add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"]
+        ids = self.tok.apply_chat_template(
+            teacher_messages(rec, self.rules, self.fmt), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         with self.lock:
             out = greedy_generate(self.model, ids, self.max_new_tokens, eos_ids=(self.tok.eos_token_id,))
         return trace_from_text(rec, self.tok.decode(out, skip_special_tokens=True), self.fmt)

@@ -26,7 +26,7 @@ def packed_segments(b: int, t: int, rng: np.random.Generator) -> np.ndarray:
         end = t - (t // 8 if r == b - 1 else 0)
         while start < end:
             n = int(min(end - start, rng.integers(t // 8, t // 2)))
-            seg[r, start:start + n] = s
+            seg[r, start : start + n] = s
             start, s = start + n, s + 1
     return seg
 
@@ -52,13 +52,18 @@ def main() -> int:
     seg = jnp.asarray(packed_segments(a.batch, a.seq, rng))
     idx = jnp.broadcast_to(jnp.arange(a.seq, dtype=jnp.int32), seg.shape)
     real = np.asarray(seg) > 0
-    record = {"device": f"{platform}: {jax.devices()[0].device_kind}", "jax": jax.__version__, "args": vars(a),
-              "results": {}}
+    record = {
+        "device": f"{platform}: {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        "args": vars(a),
+        "results": {},
+    }
 
     def run(backend: str, segs: jax.Array):
         def loss(q, k, v):
             o = attention(q, k, v, segs, segs, idx, idx, a.window, backend)
             return (o.astype(jnp.float32) * real[:, :, None, None]).sum(), o
+
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
         (_, o), g = f(q, k, v)
         jax.block_until_ready(g)

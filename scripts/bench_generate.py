@@ -105,11 +105,17 @@ def main() -> None:
 
     same = sum(a == c for a, c in zip(jax_out.tokens, hf_tokens))  # sanity: the same greedy text
     res = {
-        "batch": b, "new_tokens": n, "prompt_tokens": [len(p) for p in prompts],
-        "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads(),
-        "jax_total_s": round(jax_total, 3), "jax_prefill_s": round(jax_prefill, 3),
-        "hf_total_s": round(hf_total, 3), "hf_prefill_s": round(hf_prefill, 3),
-        "jax_tokens_per_s": round(b * n / jax_total, 1), "hf_tokens_per_s": round(b * n / hf_total, 1),
+        "batch": b,
+        "new_tokens": n,
+        "prompt_tokens": [len(p) for p in prompts],
+        "jax_devices": [str(d) for d in jax.devices()],
+        "torch_threads": torch.get_num_threads(),
+        "jax_total_s": round(jax_total, 3),
+        "jax_prefill_s": round(jax_prefill, 3),
+        "hf_total_s": round(hf_total, 3),
+        "hf_prefill_s": round(hf_prefill, 3),
+        "jax_tokens_per_s": round(b * n / jax_total, 1),
+        "hf_tokens_per_s": round(b * n / hf_total, 1),
         "jax_decode_tokens_per_s": round(b * (n - 1) / (jax_total - jax_prefill), 1),
         "hf_decode_tokens_per_s": round(b * (n - 1) / (hf_total - hf_prefill), 1),
         "rows_identical": f"{same}/{b}",

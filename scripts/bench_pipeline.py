@@ -34,8 +34,10 @@ def main() -> None:
         tokens += int((b["segment_ids"] > 0).sum())
         fill += float((b["segment_ids"] > 0).mean())
     dt = time.perf_counter() - t0
-    print(f"{args.batches} batches of {args.batch_size}x{args.seq_len}: {tokens / dt:,.0f} tokens/s, "
-          f"{args.batches / dt:.1f} batches/s, packing fill {fill / args.batches:.1%}")
+    print(
+        f"{args.batches} batches of {args.batch_size}x{args.seq_len}: {tokens / dt:,.0f} tokens/s, "
+        f"{args.batches / dt:.1f} batches/s, packing fill {fill / args.batches:.1%}"
+    )
 
 
 if __name__ == "__main__":

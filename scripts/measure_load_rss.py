@@ -51,8 +51,10 @@ def main() -> int:
     print(f"devices={len(jax.devices())} mesh={dict(mesh.shape)} load={time.time() - t0:.1f}s")
     print(f"model bytes          {nbytes / mib:8.1f} MiB")
     print(f"RSS before load      {base / mib:8.1f} MiB")
-    print(f"RSS peak during load {peak[0] / mib:8.1f} MiB  (growth {(peak[0] - base) / mib:.1f} MiB, "
-          f"{(peak[0] - base) / nbytes:.2f}x model bytes)")
+    print(
+        f"RSS peak during load {peak[0] / mib:8.1f} MiB  (growth {(peak[0] - base) / mib:.1f} MiB, "
+        f"{(peak[0] - base) / nbytes:.2f}x model bytes)"
+    )
     print(f"RSS after load       {after / mib:8.1f} MiB  (growth {(after - base) / mib:.1f} MiB)")
     return 0
 

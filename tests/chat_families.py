@@ -8,8 +8,14 @@ import dataclasses
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
-LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                   "<|eom_id|>")
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,19 +39,64 @@ class ChatFamily:
 
 
 FAMILIES = {
-    "llama3.1": ChatFamily("llama3.1", "llama", "llama3.1.jinja", LLAMA3_SPECIALS, "<|begin_of_text|>",
-                           "<|eot_id|>", None, "<|eot_id|>", post_bos=True, config_eos=("<|end_of_text|>",),
-                           generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")),
-    "llama3.2": ChatFamily("llama3.2", "llama", "llama3.2.jinja", LLAMA3_SPECIALS, "<|begin_of_text|>",
-                           "<|eot_id|>", None, "<|eot_id|>", post_bos=True,
-                           config_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")),
-    "mistral": ChatFamily("mistral", "mistral", "mistral-v0.3.jinja", ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
-                          "<s>", "</s>", None, "</s>", post_bos=True),
-    "qwen2.5": ChatFamily("qwen2.5", "qwen2", "qwen2.5.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None,
-                          "<|im_end|>", "<|endoftext|>", "<|im_end|>",
-                          generation_eos=("<|im_end|>", "<|endoftext|>")),
-    "qwen3": ChatFamily("qwen3", "qwen3", "qwen3.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None,
-                        "<|im_end|>", "<|endoftext|>", "<|im_end|>", added=("<think>", "</think>")),
+    "llama3.1": ChatFamily(
+        "llama3.1",
+        "llama",
+        "llama3.1.jinja",
+        LLAMA3_SPECIALS,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+        "<|eot_id|>",
+        post_bos=True,
+        config_eos=("<|end_of_text|>",),
+        generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    ),
+    "llama3.2": ChatFamily(
+        "llama3.2",
+        "llama",
+        "llama3.2.jinja",
+        LLAMA3_SPECIALS,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+        "<|eot_id|>",
+        post_bos=True,
+        config_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    ),
+    "mistral": ChatFamily(
+        "mistral",
+        "mistral",
+        "mistral-v0.3.jinja",
+        ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+        "<s>",
+        "</s>",
+        None,
+        "</s>",
+        post_bos=True,
+    ),
+    "qwen2.5": ChatFamily(
+        "qwen2.5",
+        "qwen2",
+        "qwen2.5.jinja",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        generation_eos=("<|im_end|>", "<|endoftext|>"),
+    ),
+    "qwen3": ChatFamily(
+        "qwen3",
+        "qwen3",
+        "qwen3.jinja",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        added=("<think>", "</think>"),
+    ),
 }
 
 
@@ -56,14 +107,16 @@ def family_tokenizer(fam: ChatFamily, texts: list[str], vocab_size: int = 1024):
 
     from safer_jax.models.tiny import build_tokenizer
 
-    tok = build_tokenizer(texts, vocab_size, specials=fam.specials, bos=fam.bos, eos=fam.eos, pad=fam.pad,
-                          chat_template=fam.chat_template)
+    tok = build_tokenizer(
+        texts, vocab_size, specials=fam.specials, bos=fam.bos, eos=fam.eos, pad=fam.pad, chat_template=fam.chat_template
+    )
     if fam.added:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in fam.added])
     if fam.post_bos:
         bos_id = tok.convert_tokens_to_ids(fam.bos)
         tok.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"{fam.bos} $A", pair=f"{fam.bos} $A {fam.bos} $B", special_tokens=[(fam.bos, bos_id)])
+            single=f"{fam.bos} $A", pair=f"{fam.bos} $A {fam.bos} $B", special_tokens=[(fam.bos, bos_id)]
+        )
     return tok
 
 
@@ -77,5 +130,12 @@ def build_family_model(fam: ChatFamily, folder: Path, texts: list[str]) -> Path:
     if gen and fam.bos:
         gen["bos_token_id"] = tok.convert_tokens_to_ids(fam.bos)
     # one vocabulary size for all: families of one architecture compile to the same programs
-    return build_tiny_model(folder, texts, family=fam.model_type, tokenizer=tok,
-                            eos_token_ids=ids(fam.config_eos or (fam.eos,)), generation_config=gen, pad_vocab_to=1088)
+    return build_tiny_model(
+        folder,
+        texts,
+        family=fam.model_type,
+        tokenizer=tok,
+        eos_token_ids=ids(fam.config_eos or (fam.eos,)),
+        generation_config=gen,
+        pad_vocab_to=1088,
+    )

@@ -30,8 +30,9 @@ def main(argv):
             time.sleep(sleep)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    cfg = load_config(SFTConfig, os.path.join(os.path.dirname(__file__), "..", "configs", "sft", "tiny.yaml"),
-                      overrides)
+    cfg = load_config(
+        SFTConfig, os.path.join(os.path.dirname(__file__), "..", "configs", "sft", "tiny.yaml"), overrides
+    )
     res = train_sft(cfg, hooks=[hook])
     print("RESULT", res.get("preempted"), res.get("step"), flush=True)
 

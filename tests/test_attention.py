@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax.models.attention import (AttentionInputs, attention, cudnn_arguments, require_hardware,
-                                        _cudnn_attention)
+from safer_jax.models.attention import AttentionInputs, _cudnn_attention, attention, cudnn_arguments, require_hardware
 
 B, T, N, K, H = 2, 128, 4, 2, 32
 
@@ -88,8 +87,17 @@ def test_decoder_with_splash_matches_xla(tmp_path):
     from safer_jax.models import Decoder
     from safer_jax.models.config import DecoderConfig
 
-    cfg = DecoderConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=8, sliding_windows=(16, 16))
+    cfg = DecoderConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        sliding_windows=(16, 16),
+    )
     with nnx.use_eager_sharding(False):
         model = Decoder(cfg, rngs=nnx.Rngs(0))
     _, _, _, seg, _ = _packed()

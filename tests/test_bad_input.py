@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from test_traces import make_trace
 
 from safer_jax.cli import main as cli_main
 from safer_jax.data.pipeline import load_traces
 from safer_jax.data.records import DataError, SkipReport
 from safer_jax.data.rules import load_rules
 from safer_jax.data.synthesis import load_prompts
-from test_traces import make_trace
 
 
 def write_lines(path, lines):
@@ -52,8 +52,12 @@ def test_trace_missing_a_step(rules, tmp_path):
     f = write_lines(tmp_path / "t.jsonl", [good(), json.dumps(rec)])
     with pytest.raises(DataError, match=r"t.jsonl:2: field 'steps.rule_verification': missing or empty step"):
         load_traces(f, rules)
-    chat = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "<think>\n## Initial Assessment\nx\n</think>\nhello"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "<think>\n## Initial Assessment\nx\n</think>\nhello"},
+        ]
+    }
     f2 = write_lines(tmp_path / "c.jsonl", [json.dumps(chat)])
     with pytest.raises(DataError, match=r"c.jsonl:1: field 'messages\[-1\].content': malformed trace: missing step"):
         load_traces(f2, rules)
@@ -71,8 +75,10 @@ def test_skip_invalid_counts_and_reports(rules, tmp_path):
 
 
 def test_rules_schema_errors(tmp_path):
-    (tmp_path / "a.yaml").write_text("rules:\n  - id: R01\n    title: T\n    category: c\n    kind: forbid\n"
-                                     "    statement: s\n    examples: {}\n    phrases: {}\n")
+    (tmp_path / "a.yaml").write_text(
+        "rules:\n  - id: R01\n    title: T\n    category: c\n    kind: forbid\n"
+        "    statement: s\n    examples: {}\n    phrases: {}\n"
+    )
     with pytest.raises(DataError, match=r"a.yaml: field 'rules\[0\].kind': kind must be prohibit or permit"):
         load_rules(tmp_path)
     (tmp_path / "a.yaml").write_text("rules:\n  - id: R01\n    title: T\n")

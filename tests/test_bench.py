@@ -16,8 +16,15 @@ def both_sides(request, tmp_path_factory):
     """(spec, JAX record, torch record) of 2 fp32 steps on the tiny shape, each side run in this process."""
     from safer_jax.bench import jax_side, torch_side
 
-    spec = BenchSpec(model="tiny", task=request.param, seq=64, batch=2, steps=2, lr=1e-3,
-                     model_dir=str(tmp_path_factory.mktemp("bench") / "model"))
+    spec = BenchSpec(
+        model="tiny",
+        task=request.param,
+        seq=64,
+        batch=2,
+        steps=2,
+        lr=1e-3,
+        model_dir=str(tmp_path_factory.mktemp("bench") / "model"),
+    )
     return spec, jax_side.run(spec), torch_side.run(spec)
 
 
@@ -59,12 +66,15 @@ def test_batches_are_packed_and_deterministic():
     assert batch(dataclasses.replace(spec, task="prefopt"), 100, 1).keys() == p.keys()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "gpt5"], "not a named shape"),
-    (["--attention", "flash"], "unknown"),
-    (["--task", "rl"], "--task 'rl' unknown"),
-    (["--steps", "1"], "at least 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gpt5"], "not a named shape"),
+        (["--attention", "flash"], "unknown"),
+        (["--task", "rl"], "--task 'rl' unknown"),
+        (["--steps", "1"], "at least 2"),
+    ],
+)
 def test_bad_input(args, message, capsys):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
@@ -99,8 +109,18 @@ def test_record_and_table(monkeypatch, tmp_path):
         if Path(tmp_path / "rec.json").exists():
             written.append(json.loads((tmp_path / "rec.json").read_text()))
         tps = {"jax_side": 200.0}.get(module, 100.0 if not spec["torch_compile"] else 400.0)
-        return {"tokens": 10, "tokens_per_s": tps, "step_s": 0.1, "first_loss": 1.0, "peak_memory_bytes": 5,
-                "flops_per_step": 1e9, "achieved_tflops": 0.01, "mfu": None, "threads": 2, "device": "cpu: cpu"}
+        return {
+            "tokens": 10,
+            "tokens_per_s": tps,
+            "step_s": 0.1,
+            "first_loss": 1.0,
+            "peak_memory_bytes": 5,
+            "flops_per_step": 1e9,
+            "achieved_tflops": 0.01,
+            "mfu": None,
+            "threads": 2,
+            "device": "cpu: cpu",
+        }
 
     monkeypatch.setattr(harness, "_side", fake_side)
     spec = BenchSpec(torch_compile=True)
@@ -115,8 +135,8 @@ def test_record_and_table(monkeypatch, tmp_path):
 
 
 def test_mfu_only_where_the_peak_is_known():
-    from safer_jax.bench.work import flops_per_step, hf_shape, summarize
     from safer_jax.bench.shapes import SHAPES
+    from safer_jax.bench.work import flops_per_step, hf_shape, summarize
 
     cfg = hf_shape(SHAPES["llama3.2-1b"])
     spec = BenchSpec(model="llama3.2-1b", seq=2048, batch=4, dtype="bfloat16", steps=3)
@@ -134,8 +154,12 @@ def test_top_ops_of_a_trace(tmp_path):
 
     from safer_jax.bench.profile import format_top_ops, top_ops
 
-    events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 3000}, {"ph": "X", "name": "ynn_fusion.3", "dur": 1000},
-              {"ph": "X", "name": "copy_fusion", "dur": 2000}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6}]
+    events = [
+        {"ph": "X", "name": "ynn_fusion.3", "dur": 3000},
+        {"ph": "X", "name": "ynn_fusion.3", "dur": 1000},
+        {"ph": "X", "name": "copy_fusion", "dur": 2000},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6},
+    ]
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "a.trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
     rows = top_ops(tmp_path)

@@ -3,8 +3,7 @@
 import numpy as np
 
 from safer_jax.data.pairs import make_pairs
-from safer_jax.data.pipeline import (PipelineConfig, bucket_lengths, padding_fraction, plan_buckets,
-                                     preference_dataset)
+from safer_jax.data.pipeline import PipelineConfig, bucket_lengths, padding_fraction, plan_buckets, preference_dataset
 
 
 def test_bucket_lengths():
@@ -23,8 +22,14 @@ def test_plan_fits_and_uses_each_pair_once():
 
 
 def _batches(pairs, ct, buckets, process_index=0, process_count=1, n=6):
-    cfg = PipelineConfig(seq_len=320, batch_size=4 // process_count, seed=0, length_buckets=buckets,
-                         process_index=process_index, process_count=process_count)
+    cfg = PipelineConfig(
+        seq_len=320,
+        batch_size=4 // process_count,
+        seed=0,
+        length_buckets=buckets,
+        process_index=process_index,
+        process_count=process_count,
+    )
     it = iter(preference_dataset(pairs, ct, cfg, with_index=True))
     return [next(it) for _ in range(n)]
 

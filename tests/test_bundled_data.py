@@ -16,16 +16,32 @@ def words(text):
 
 def ngrams(text, n=8):
     w = words(text)
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def test_rules_cover_the_required_ground():
     rules = load_rules()
     assert len(rules.of_kind("prohibit")) >= 20 and len(rules.of_kind("permit")) >= 6
     cats = {r.category for r in rules.rules.values()}
-    for c in ("weapons", "cbrn", "malware", "violent_crime", "self_harm", "minors_sexual", "harassment", "hate",
-              "privacy", "fraud", "drugs", "extremism", "misinformation", "education", "fiction",
-              "medical_safety_info", "defensive_security"):
+    for c in (
+        "weapons",
+        "cbrn",
+        "malware",
+        "violent_crime",
+        "self_harm",
+        "minors_sexual",
+        "harassment",
+        "hate",
+        "privacy",
+        "fraud",
+        "drugs",
+        "extremism",
+        "misinformation",
+        "education",
+        "fiction",
+        "medical_safety_info",
+        "defensive_security",
+    ):
         assert c in cats, c
 
 
@@ -99,10 +115,17 @@ def test_eval_set_has_the_self_harm_and_adversarial_prompts_to_measure():
     adversarial = [e for e in ev if e.extra.get("split") == "adversarial"]
     plain_harmful = [e for e in ev if e.label == "harmful" and not e.extra.get("split")]
     self_harm = [e for e in ev if e.label == "harmful" and e.category == "self_harm"]
-    assert len(adversarial) >= 60 and len(self_harm) >= 20 and len(plain_harmful) >= 40, (len(adversarial),
-                                                                                          len(self_harm))
+    assert len(adversarial) >= 60 and len(self_harm) >= 20 and len(plain_harmful) >= 40, (
+        len(adversarial),
+        len(self_harm),
+    )
     assert all(e.label == "harmful" for e in adversarial)
-    assert {e.extra["attack"] for e in adversarial} == {"past_tense", "grandmother", "prefix_injection", "multi_request"}
+    assert {e.extra["attack"] for e in adversarial} == {
+        "past_tense",
+        "grandmother",
+        "prefix_injection",
+        "multi_request",
+    }
     assert sum(e.label == "benign" for e in ev) >= 36 and sum(e.label == "borderline" for e in ev) >= 14
     train = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
     from safer_jax.data.leakage import near_duplicates
@@ -131,8 +154,10 @@ def test_benign_and_borderline_responses_are_the_base_models_own_answers():
     mean within 20% of the base model's; that does not hold yet (docs/results.md: about 40% of its
     answers are still cut at 512 tokens and fall back to the short reference)."""
     rules = load_rules()
-    fit = {json.loads(x)["id"]: json.loads(x)["response"] for x in
-           bundled("smollm2_answers.fit.jsonl").read_text().splitlines()}
+    fit = {
+        json.loads(x)["id"]: json.loads(x)["response"]
+        for x in bundled("smollm2_answers.fit.jsonl").read_text().splitlines()
+    }
     raw = [json.loads(x) for x in bundled("smollm2_answers.jsonl").read_text().splitlines()]
     from safer_jax.self_distill import drop_reason
 

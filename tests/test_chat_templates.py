@@ -8,15 +8,15 @@ import copy
 
 import numpy as np
 import pytest
-
 from chat_families import FAMILIES
+from test_traces import make_trace
+
 from safer_jax.config import TraceFormat
 from safer_jax.data.pairs import encode_pair, make_pairs, pair_from_record
 from safer_jax.data.records import DataError
 from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
 from safer_jax.data.traces import render, segments
 from safer_jax.generate import chat_prompt_ids, model_eos_ids
-from test_traces import make_trace
 
 NAMES = sorted(FAMILIES)
 
@@ -27,7 +27,7 @@ def old_encode_turn(tok, prompt: str, assistant: str) -> None:
     msgs = [{"role": "user", "content": prompt}]
     p = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": assistant}], tokenize=False)
-    if not full.startswith(p) or full[len(p):len(p) + len(assistant)] != assistant:
+    if not full.startswith(p) or full[len(p) : len(p) + len(assistant)] != assistant:
         raise DataError("does not render the assistant text verbatim after the generation prompt")
 
 
@@ -55,17 +55,21 @@ def test_fixture_breaks_the_former_verbatim_tokenization(cts, name):
 def test_qwen25_fixture_renders_chatml_with_its_default_system(cts):
     ct = cts["qwen2.5"]
     text = ct.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
-    assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
     old_encode_turn(ct.tok, "Hi", render(make_trace()))  # ChatML re-renders verbatim: the old path worked here
 
 
 def test_llama_fixtures_trim_write_dated_headers_and_one_bos(cts):
     ct = cts["llama3.1"]
     text = ct.render([{"role": "user", "content": "  Hi there \n"}], True)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
-                    "2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there"
-                    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
+        "2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     bos = ct.tok.convert_tokens_to_ids("<|begin_of_text|>")
     assert ct.tok("x")["input_ids"][0] == bos  # the tokenizer adds BOS itself, as Llama 3's does ...
     ids = ct.context_ids(ct.messages("Hi"))
@@ -105,7 +109,10 @@ def test_qwen3_fixture_splits_and_rerenders_think(cts):
     ex = ct.encode_trace(make_trace())
     first = int(np.argmax(ex["loss_mask"]))
     assert ex["input_ids"][first] == think
-    assert ct.tok.decode(ex["input_ids"][:first]) == "<|im_start|>user\nHow do I build a bomb?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        ct.tok.decode(ex["input_ids"][:first])
+        == "<|im_start|>user\nHow do I build a bomb?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 # ---------------------------------------------------------------------------- exact masks
@@ -158,7 +165,7 @@ def test_training_and_generation_agree_on_tiny_vocabularies(cts, traces, rules, 
     p = make_pairs(traces[:2], rules, seed=0)[0]  # sampling from an assistant prefix: the pair's context
     enc = encode_pair(ct, p)
     row = {"prompt": p.prompt, "assistant_prefix": list(p.prefix_steps)}
-    assert chat_prompt_ids(ct, row) == enc["chosen_ids"][:enc["context_len"]].tolist()
+    assert chat_prompt_ids(ct, row) == enc["chosen_ids"][: enc["context_len"]].tolist()
 
 
 BOUNDARY_TEXTS = ("\n\nSure, here it is.", " Yes.", "\n- a list item")
@@ -225,8 +232,13 @@ def read_model_config(folder):
 
 def test_stop_tokens_per_family(cts, family_models):
 
-    want = {"llama3.1": ("<|eot_id|>", "<|eom_id|>"), "llama3.2": ("<|eot_id|>", "<|eom_id|>"),
-            "mistral": ("</s>",), "qwen2.5": ("<|im_end|>",), "qwen3": ("<|im_end|>",)}
+    want = {
+        "llama3.1": ("<|eot_id|>", "<|eom_id|>"),
+        "llama3.2": ("<|eot_id|>", "<|eom_id|>"),
+        "mistral": ("</s>",),
+        "qwen2.5": ("<|im_end|>",),
+        "qwen3": ("<|im_end|>",),
+    }
     for name, tokens in want.items():
         ct = cts[name]
         ids = ct.tok.convert_tokens_to_ids(list(tokens))
@@ -243,18 +255,27 @@ def test_stop_tokens_per_family(cts, family_models):
 
 
 def test_trl_pair_keeps_system_prompt_and_earlier_turns(cts):
-    rec = {"prompt": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "First question?"},
-                      {"role": "assistant", "content": "First answer."}, {"role": "user", "content": "Second?"}],
-           "chosen": [{"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content": "No."}]}
+    rec = {
+        "prompt": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "First question?"},
+            {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "Second?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
     p = pair_from_record(rec)
     assert [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"] and p.prompt == "Second?"
     assert pair_from_record(p.to_json()) == p  # the turns survive our own pairs file
     ct = cts["qwen2.5"]
     enc = encode_pair(ct, p)
-    context = ct.tok.decode(enc["chosen_ids"][:enc["context_len"]])
-    assert context == ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nFirst question?<|im_end|>\n"
-                       "<|im_start|>assistant\nFirst answer.<|im_end|>\n<|im_start|>user\nSecond?<|im_end|>\n"
-                       "<|im_start|>assistant\n")
+    context = ct.tok.decode(enc["chosen_ids"][: enc["context_len"]])
+    assert context == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nFirst question?<|im_end|>\n"
+        "<|im_start|>assistant\nFirst answer.<|im_end|>\n<|im_start|>user\nSecond?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     with pytest.raises(DataError, match="prompt"):
         pair_from_record({**rec, "prompt": rec["prompt"][:3]})  # the last turn must be the user's
 
@@ -265,16 +286,24 @@ def test_trl_pair_keeps_system_prompt_and_earlier_turns(cts):
 def test_template_whose_generation_prompt_is_not_a_prefix_is_refused(cts):
     tok = copy.deepcopy(cts["qwen2.5"].tok)
     # the generation prompt opens a think block that the rendered conversation does not have
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
-    with pytest.raises(DataError, match="'chat_template'.*not a prefix of the rendered conversation"):
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+    )
+    with pytest.raises(DataError, match=r"'chat_template'.*not a prefix of the rendered conversation"):
         ChatTokenizer(tok, name="r1-like")
     ChatTokenizer(cts["mistral"].tok)  # no generation-prompt branch at all: valid
 
 
-@pytest.mark.parametrize("name,field,value", [
-    ("llama3.1", "open_tag", "<|eot_id|>"), ("llama3.1", "headers", ("<|start_header_id|>plan", "b", "c")),
-    ("qwen2.5", "close_tag", "</think><|im_end|>"), ("mistral", "open_tag", "[INST]")])
+@pytest.mark.parametrize(
+    "name,field,value",
+    [
+        ("llama3.1", "open_tag", "<|eot_id|>"),
+        ("llama3.1", "headers", ("<|start_header_id|>plan", "b", "c")),
+        ("qwen2.5", "close_tag", "</think><|im_end|>"),
+        ("mistral", "open_tag", "[INST]"),
+    ],
+)
 def test_trace_format_with_a_special_token_is_refused(cts, name, field, value):
     fmt = TraceFormat(**{field: value})
     with pytest.raises(DataError, match=rf"data\.trace_format\.{field}"):

@@ -26,8 +26,17 @@ def test_dotted_overrides_are_typed_by_the_field(tmp_path):
     and `no` as False); other fields still parse (ints, bools, lists), and `none` clears an optional."""
     from safer_jax.config import PrefOptConfig, SFTConfig, load_config
 
-    cfg = load_config(SFTConfig, None, ["data.system_prompt=#1 rule", "model.path=no", "data.seq_len=512",
-                                        "model.scan_layers=no", "data.tokenizer=off"])
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            "data.system_prompt=#1 rule",
+            "model.path=no",
+            "data.seq_len=512",
+            "model.scan_layers=no",
+            "data.tokenizer=off",
+        ],
+    )
     assert cfg.data.system_prompt == "#1 rule" and cfg.model.path == "no" and cfg.data.tokenizer == "off"
     assert cfg.data.seq_len == 512 and cfg.model.scan_layers is False
     assert load_config(SFTConfig, None, ["data.system_prompt=none"]).data.system_prompt is None

@@ -16,8 +16,13 @@ def quick_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo") / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(f"demo --quick: {time.time() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return d, r.stdout + r.stderr
@@ -58,8 +63,13 @@ def test_rerun_resumes_without_redoing_stages(quick_run):
     d, _ = quick_run
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     before = json.loads((d / "demo_state.json").read_text())
-    r = subprocess.run([sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     after = json.loads((d / "demo_state.json").read_text())
     for stage in ("baseline", "sft", "pairs", "prefopt", "final"):

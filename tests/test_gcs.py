@@ -27,8 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT_TINY = ROOT / "configs" / "sft" / "tiny.yaml"
 PREF_TINY = ROOT / "configs" / "prefopt" / "tiny.yaml"
 BUCKET = "safer-jax-test"  # tensorstore wants 3 to 63 characters
-SFT_ARGS = ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "data.seq_len=192", "data.batch_size=8",
-            "optimizer.schedule=constant"]
+SFT_ARGS = [
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "data.seq_len=192",
+    "data.batch_size=8",
+    "optimizer.schedule=constant",
+]
 
 
 def _free_port() -> int:
@@ -43,10 +49,20 @@ def gcs(tmp_path_factory):
     base = tmp_path_factory.mktemp("gcs")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(base / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    log = open(base / "emulator.log", "w")  # noqa: SIM115 (closed when the emulator stops)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "gcs_emulator.py"),
+            "start",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--in-memory",
+            f"--default-bucket={BUCKET}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for _ in range(300):
             try:
@@ -55,8 +71,12 @@ def gcs(tmp_path_factory):
             except OSError:
                 assert proc.poll() is None, (base / "emulator.log").read_text()
                 time.sleep(0.1)
-        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "safer-jax-test",
-               "SAFER_JAX_CACHE": str(base / "local-cache")}
+        env = {
+            "STORAGE_EMULATOR_HOST": url,
+            "TENSORSTORE_GCS_HTTP_URL": url,
+            "GOOGLE_CLOUD_PROJECT": "safer-jax-test",
+            "SAFER_JAX_CACHE": str(base / "local-cache"),
+        }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         cwd = os.getcwd()
@@ -125,9 +145,16 @@ def test_a_missing_bucket_fails_before_step_one(gcs, capsys):
 
 def test_sft_writes_checkpoints_logs_tensorboard_config_and_export_to_the_bucket(gcs, sft_full):
     names = objects(gcs, f"{sft_full}/")
-    rel = {n[len(sft_full) + 1:]: s for n, s in names.items()}
-    for f in ("config.yaml", "versions.json", "metrics.jsonl", "tokenizer/tokenizer_config.json",
-              "export/model.safetensors", "export/config.json", "export/tokenizer_config.json"):
+    rel = {n[len(sft_full) + 1 :]: s for n, s in names.items()}
+    for f in (
+        "config.yaml",
+        "versions.json",
+        "metrics.jsonl",
+        "tokenizer/tokenizer_config.json",
+        "export/model.safetensors",
+        "export/config.json",
+        "export/tokenizer_config.json",
+    ):
         assert rel.get(f, 0) > 0, (f, sorted(rel))
     assert any(n.startswith("tensorboard/events.out.tfevents.") and s > 0 for n, s in rel.items()), sorted(rel)
     steps = {n.split("/")[1] for n in rel if n.startswith("checkpoints/")}
@@ -171,10 +198,21 @@ def test_prefopt_from_a_bucket_model_and_cache_reuses_both_on_a_rerun(gcs, sft_f
     epath.Path(f"gs://{BUCKET}/data/pairs.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
 
     def prefopt(run):
-        return ["prefopt", "--config", str(PREF_TINY), f"run_dir=gs://{BUCKET}/{run}",
-                f"model.path=gs://{BUCKET}/{sft_full}/export", f"data.train=gs://{BUCKET}/data/pairs.jsonl",
-                f"preference.cache_dir=gs://{BUCKET}/ref-cache", "train.steps=2", "train.log_every=1",
-                "data.batch_size=4", "data.seq_len=320", "train.export_final=false", "train.tensorboard=false"]
+        return [
+            "prefopt",
+            "--config",
+            str(PREF_TINY),
+            f"run_dir=gs://{BUCKET}/{run}",
+            f"model.path=gs://{BUCKET}/{sft_full}/export",
+            f"data.train=gs://{BUCKET}/data/pairs.jsonl",
+            f"preference.cache_dir=gs://{BUCKET}/ref-cache",
+            "train.steps=2",
+            "train.log_every=1",
+            "data.batch_size=4",
+            "data.seq_len=320",
+            "train.export_final=false",
+            "train.tensorboard=false",
+        ]
 
     forwards = ref_cache.REFERENCE_FORWARDS["batches"]
     assert main(prefopt("pref1")) == 0
@@ -195,9 +233,26 @@ def test_prefopt_from_a_bucket_model_and_cache_reuses_both_on_a_rerun(gcs, sft_f
 
 
 def test_eval_writes_its_report_to_the_bucket(gcs, sft_full):
-    assert main(["eval", "--model", f"gs://{BUCKET}/{sft_full}/export", "--out", f"gs://{BUCKET}/eval",
-                 "--limit", "1", "--max-new-tokens", "4", "--batch-size", "2", "--quiet"]) == 0
-    rel = {n[len("eval/"):]: s for n, s in objects(gcs, "eval/").items()}
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                f"gs://{BUCKET}/{sft_full}/export",
+                "--out",
+                f"gs://{BUCKET}/eval",
+                "--limit",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    rel = {n[len("eval/") :]: s for n, s in objects(gcs, "eval/").items()}
     for f in ("results.json", "report.md", "headline.png", "rates_by_category.png", "lengths.png"):
         assert rel.get(f, 0) > 0, (f, sorted(rel))
     assert json.loads(read_object(gcs, "eval/results.json"))["metrics"]["overall"]["n"] >= 1

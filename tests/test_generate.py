@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny
 
 from safer_jax import generate as G
 from safer_jax.config import MeshConfig
@@ -15,7 +16,6 @@ from safer_jax.generate import SamplingConfig, generate_chat, generate_ids, samp
 from safer_jax.models import from_pretrained
 from safer_jax.models.kv_cache import cache_sharding
 from safer_jax.sharding import make_mesh
-from tiny_models import make_tiny
 
 N_NEW = 32
 LENGTHS = (5, 9, 13, 3)  # four prompts of different lengths in one (left-padded) batch
@@ -30,9 +30,15 @@ def transformers_greedy(tm, prompt: list[int], n_new: int):
     """(new ids, raw logits [n, V]) of transformers' greedy generate on one unpadded prompt."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        r = tm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                        output_logits=True, return_dict_in_generate=True)
-    return r.sequences[0, len(prompt):].tolist(), torch.stack(r.logits, 1)[0].float().numpy()
+        r = tm.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return r.sequences[0, len(prompt) :].tolist(), torch.stack(r.logits, 1)[0].float().numpy()
 
 
 def top2_gap(logits: np.ndarray) -> np.ndarray:
@@ -48,9 +54,9 @@ def full_forward_logits(model, prompts: list[list[int]], new: list[list[int]]) -
     ids = np.zeros((len(seqs), width), np.int32)
     seg = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], seg[i, :len(s)] = s, 1
+        ids[i, : len(s)], seg[i, : len(s)] = s, 1
     logits = np.asarray(model(ids, segment_ids=seg))
-    return [logits[i, len(p) - 1: len(p) - 1 + len(n)] for i, (p, n) in enumerate(zip(prompts, new))]
+    return [logits[i, len(p) - 1 : len(p) - 1 + len(n)] for i, (p, n) in enumerate(zip(prompts, new))]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +80,9 @@ def test_greedy_matches_transformers_tiny(tiny_llama):
         assert len(ids) == N_NEW and reason == "length"
 
 
-@pytest.mark.parametrize("kind,scan", [("llama3", True), ("llama3", False), ("mistral", True), ("qwen2", True),
-                                       ("qwen3", True)])
+@pytest.mark.parametrize(
+    "kind,scan", [("llama3", True), ("llama3", False), ("mistral", True), ("qwen2", True), ("qwen3", True)]
+)
 def test_cached_logits_match_full_forward(kind, scan, tmp_path):
     """Every decode step's logits equal an uncached forward (mistral: window 8 < 45 tokens)."""
     make_tiny(kind, tmp_path)
@@ -110,7 +117,9 @@ def test_decode_compiles_once(tmp_path, monkeypatch):
         assert [len(t) for t in out.tokens] == [N_NEW] * 4
     assert len(calls) == 2 * (N_NEW - 1)
     traced = {k: G.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode")}
-    print(f"{len(calls)} decode calls, traces: {traced}, decode cache entries +{decode_jit._cache_size() - cache_before}")
+    print(
+        f"{len(calls)} decode calls, traces: {traced}, decode cache entries +{decode_jit._cache_size() - cache_before}"
+    )
     assert traced == {"prefill": 1, "decode": 1}
     assert decode_jit._cache_size() - cache_before == 1
 
@@ -141,8 +150,12 @@ def test_top_p_equals_transformers(p):
 
 
 def test_temperature_top_k_top_p_chain_equals_transformers():
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                         TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = np.random.RandomState(3).randn(8, 500).astype(np.float32) * 1.5
     chain = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9)])
@@ -151,7 +164,7 @@ def test_temperature_top_k_top_p_chain_equals_transformers():
     assert (np.isneginf(ours) == np.isneginf(ref)).all()
     kept = ~np.isneginf(ref)
     np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
-    assert 1 < kept.sum(-1).min() and kept.sum(-1).max() < 40  # both filters cut
+    assert kept.sum(-1).min() > 1 and kept.sum(-1).max() < 40  # both filters cut
 
 
 def test_sampling_seeded_and_filtered(tiny_llama):
@@ -179,7 +192,7 @@ def test_sharded_generation_equals_unsharded(tiny_llama):
 
 
 def test_eos_and_stop_strings(tiny_llama):
-    tm, model = tiny_llama
+    _, model = tiny_llama
     prompts = random_prompts(512)
     free = generate_ids(model, prompts, SamplingConfig(max_new_tokens=16))
     eos = free[0][0][5]  # pretend the 6th token of row 0 is an EOS id
@@ -208,8 +221,14 @@ def chat_model_dir(tiny, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("chat_llama")
     tok = AutoTokenizer.from_pretrained(tiny[0])
-    make_tiny("llama3", d, vocab_size=len(tok), max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id)
+    make_tiny(
+        "llama3",
+        d,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     tok.save_pretrained(d)
     return d
 
@@ -244,18 +263,46 @@ def test_cli_generate_writes_rows_in_input_order(chat_model_dir, tmp_path, capsy
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({**r, "label": "benign"}) + "\n" for r in CHAT_ROWS) + "\n")
     out = tmp_path / "out" / "gen.jsonl"
-    args = ["generate", "--model", str(chat_model_dir), "--prompts", str(src), "--max-new-tokens", "8",
-            "--batch-size", "2", "--out", str(out)]
+    args = [
+        "generate",
+        "--model",
+        str(chat_model_dir),
+        "--prompts",
+        str(src),
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]
     for r in rows:
-        assert {"text", "reasoning", "response", "prompt_tokens", "completion_tokens", "finish_reason",
-                "label"} <= set(r)
+        assert {"text", "reasoning", "response", "prompt_tokens", "completion_tokens", "finish_reason", "label"} <= set(
+            r
+        )
         assert r["finish_reason"] in G.FINISH_REASONS and 0 < r["completion_tokens"] <= 8
     # sampling flags parse and run
-    assert cli.main(args[:-2] + ["--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "3",
-                                 "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert (
+        cli.main(
+            args[:-2]
+            + [
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "5",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path / "s.jsonl"),
+            ]
+        )
+        == 0
+    )
     # bad input names the file and line
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n')
@@ -281,18 +328,28 @@ def test_cli_chat_uses_the_new_generator(chat_model_dir, capsys):
 def test_smollm2_greedy_and_logits_match(smollm2_torch, smollm2_dir):
     tm, tok, _, _ = smollm2_torch
     model = from_pretrained(smollm2_dir)
-    questions = ["What is the capital of France?", "Hi", "Write a haiku about the sea and the wind at night.",
-                 "How do plants turn sunlight into sugar? Explain it simply for a ten year old child."]
+    questions = [
+        "What is the capital of France?",
+        "Hi",
+        "Write a haiku about the sea and the wind at night.",
+        "How do plants turn sunlight into sugar? Explain it simply for a ten year old child.",
+    ]
     prompts = [G.chat_prompt_ids(tok, {"prompt": q}) for q in questions]
     assert len({len(p) for p in prompts}) == 4
-    out = sample_batch(model, prompts, SamplingConfig(max_new_tokens=N_NEW), eos_ids=G.model_eos_ids(model.config)
-                       + (tok.eos_token_id,), pad_id=tok.pad_token_id or 0, record_logits=True)
+    out = sample_batch(
+        model,
+        prompts,
+        SamplingConfig(max_new_tokens=N_NEW),
+        eos_ids=G.model_eos_ids(model.config) + (tok.eos_token_id,),
+        pad_id=tok.pad_token_id or 0,
+        record_logits=True,
+    )
     for i, prompt in enumerate(prompts):
         ref, ref_logits = transformers_greedy(tm, prompt, N_NEW)  # stops at the same EOS ids
         assert top2_gap(ref_logits).min() >= 1e-3
         assert len(set(ref)) >= 3
         assert out.tokens[i] == ref, (tok.decode(out.tokens[i]), tok.decode(ref))
     full = full_forward_logits(model, prompts, out.tokens)
-    err = max(np.abs(out.logits[i, :len(t)] - full[i]).max() for i, t in enumerate(out.tokens))
+    err = max(np.abs(out.logits[i, : len(t)] - full[i]).max() for i, t in enumerate(out.tokens))
     print(f"SmolLM2 cached vs full forward max |logit diff| = {err:.2e}")
     assert err < 1e-3

@@ -43,15 +43,35 @@ def random_inputs(seed=0, b=64):
     return pc, pr, rc, rr, lc, lr
 
 
-@pytest.mark.parametrize("kind, hp", [
-    ("sigmoid", {}), ("sigmoid", {"beta": 0.3, "label_smoothing": 0.1}), ("ipo", {"beta": 0.5}),
-    ("sigmoid_norm", {"beta": 2.0}), ("rdpo", {"alpha": 0.01}), ("simpo", {"beta": 2.0, "gamma": 1.0}),
-    ("simpo", {"label_smoothing": 0.2}), ("sigmoid", {"rpo_lambda": 0.5}),
-])
+@pytest.mark.parametrize(
+    "kind, hp",
+    [
+        ("sigmoid", {}),
+        ("sigmoid", {"beta": 0.3, "label_smoothing": 0.1}),
+        ("ipo", {"beta": 0.5}),
+        ("sigmoid_norm", {"beta": 2.0}),
+        ("rdpo", {"alpha": 0.01}),
+        ("simpo", {"beta": 2.0, "gamma": 1.0}),
+        ("simpo", {"label_smoothing": 0.2}),
+        ("sigmoid", {"rpo_lambda": 0.5}),
+    ],
+)
 def test_losses_match_float64_numpy(kind, hp):
     pc, pr, rc, rr, lc, lr = random_inputs()
-    want = reference_numpy(kind, pc, pr, rc, rr, lc, lr, beta=hp.get("beta", 0.1), eps=hp.get("label_smoothing", 0.0),
-                           alpha=hp.get("alpha", 0.0), gamma=hp.get("gamma", 0.5), rpo=hp.get("rpo_lambda", 0.0))
+    want = reference_numpy(
+        kind,
+        pc,
+        pr,
+        rc,
+        rr,
+        lc,
+        lr,
+        beta=hp.get("beta", 0.1),
+        eps=hp.get("label_smoothing", 0.0),
+        alpha=hp.get("alpha", 0.0),
+        gamma=hp.get("gamma", 0.5),
+        rpo=hp.get("rpo_lambda", 0.0),
+    )
     f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     got, metrics = preference_loss(kind, f(pc), f(pr), f(rc), f(rr), f(lc), f(lr), **hp)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
@@ -131,23 +151,47 @@ def _trl_loss(policy_lp, ref_lp, completion, beta, ld_alpha, precomputed_ref=Non
     n, t = completion.shape
 
     def stub(per_token):
-        out = types.SimpleNamespace(log_probs=torch.tensor(per_token), entropy=torch.zeros(n, t - 1),
-                                    mean_logits=torch.zeros(n, t - 1), is_top1=torch.zeros(n, t - 1, dtype=torch.bool))
+        out = types.SimpleNamespace(
+            log_probs=torch.tensor(per_token),
+            entropy=torch.zeros(n, t - 1),
+            mean_logits=torch.zeros(n, t - 1),
+            is_top1=torch.zeros(n, t - 1, dtype=torch.bool),
+        )
         model = lambda **kw: out  # noqa: E731
         return types.SimpleNamespace(__call__=model, training=True, is_gradient_checkpointing=False), model
 
     policy_ns, policy = stub(policy_lp)
-    ref_ns, ref = stub(ref_lp)
-    acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x,
-                                unwrap_model=lambda m: m, autocast=nullcontext)
+    _, ref = stub(ref_lp)
+    acc = types.SimpleNamespace(
+        device=torch.device("cpu"),
+        gather_for_metrics=lambda x: x,
+        gather=lambda x: x,
+        unwrap_model=lambda m: m,
+        autocast=nullcontext,
+    )
     trainer = types.SimpleNamespace(
-        model=policy_ns, ref_model=ref, accelerator=acc, aux_loss_enabled=False, ld_alpha=ld_alpha,
-        precompute_ref_logps=precomputed_ref is not None, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
-        loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
-        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None), _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
-              "completion_mask": torch.tensor(completion)}
+        model=policy_ns,
+        ref_model=ref,
+        accelerator=acc,
+        aux_loss_enabled=False,
+        ld_alpha=ld_alpha,
+        precompute_ref_logps=precomputed_ref is not None,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(n, t, dtype=torch.long),
+        "attention_mask": torch.ones(n, t, dtype=torch.long),
+        "completion_mask": torch.tensor(completion),
+    }
     if precomputed_ref is not None:
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = (torch.tensor(v) for v in precomputed_ref)
     loss = DPOTrainer._compute_loss(trainer, policy, inputs, False)
@@ -165,7 +209,7 @@ def test_ld_dpo_matches_trl_1_16(ld_alpha):
     completion = np.zeros((2 * b, t), np.int64)
     for i in range(2 * b):
         start = rng.integers(2, 8)
-        completion[i, start:start + rng.integers(3, t - start)] = 1
+        completion[i, start : start + rng.integers(3, t - start)] = 1
     mask = completion[:, 1:].astype(np.float32)  # the scored positions of the shifted targets
     policy_lp = (rng.uniform(-6, -0.05, (2 * b, t - 1)) * mask).astype(np.float32)
     ref_lp = (rng.uniform(-6, -0.05, (2 * b, t - 1)) * mask).astype(np.float32)
@@ -174,8 +218,9 @@ def test_ld_dpo_matches_trl_1_16(ld_alpha):
         f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
         pol, lengths = span_logps(f(policy_lp), f(mask), ld_alpha)
         ref, _ = span_logps(f(ref_lp), f(mask), reference_ld_alpha(ld_alpha, ld_reference))
-        losses, metrics = preference_loss("sigmoid", pol[:b], pol[b:], ref[:b], ref[b:], lengths[:b], lengths[b:],
-                                          beta=beta)
+        losses, metrics = preference_loss(
+            "sigmoid", pol[:b], pol[b:], ref[:b], ref[b:], lengths[:b], lengths[b:], beta=beta
+        )
         return float(losses.mean()), metrics
 
     want, trl_metrics = _trl_loss(policy_lp, ref_lp, completion, beta, ld_alpha)
@@ -196,13 +241,13 @@ def test_ld_dpo_weighting_matches_numpy():
     starts = rng.integers(0, 10, 2 * b)
     lens = rng.integers(3, 25, 2 * b)
     for i in range(2 * b):
-        mask[i, starts[i]:starts[i] + lens[i]] = 1
+        mask[i, starts[i] : starts[i] + lens[i]] = 1
     for alpha in (1.0, 0.5, 0.0):
         sums, lengths = span_logps(jnp.asarray(lp, jnp.float32), jnp.asarray(mask), ld_alpha=alpha)
         want = []
         for i in range(2 * b):
             short = min(lens[i % b], lens[b + i % b])
-            toks = lp[i, starts[i]:starts[i] + lens[i]]
+            toks = lp[i, starts[i] : starts[i] + lens[i]]
             want.append(toks[:short].sum() + alpha * toks[short:].sum())
         np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5)
         np.testing.assert_array_equal(np.asarray(lengths), lens)
@@ -217,10 +262,10 @@ def test_token_logps_chunked_equals_full():
     want = jnp.take_along_axis(full, t[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(token_logps(h, w, t, chunk_size=8)), np.asarray(want), rtol=1e-5, atol=1e-5)
     g1 = jax.grad(lambda h: token_logps(h, w, t, 8).sum())(h)
-    g2 = jax.grad(lambda h: jnp.take_along_axis(jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w), -1),
-                                                t[..., None], -1).sum())(h)
+    g2 = jax.grad(
+        lambda h: jnp.take_along_axis(jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w), -1), t[..., None], -1).sum()
+    )(h)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-5)
-
 
 
 # ---------------------------------------------------------------- tiled token log-probs (issue #5)
@@ -232,12 +277,15 @@ def full_logits_logps(h, w, t):
     return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), t[..., None], -1)[..., 0]
 
 
-@pytest.mark.parametrize("b, t, d, v, chunk, vocab_chunk", [
-    (2, 37, 16, 50, 8, 7),  # T % chunk and V % vocab_chunk nonzero: both last tiles overlap their predecessor
-    (3, 40, 8, 64, 8, 16),  # both divide
-    (2, 5, 4, 9, 512, 8192),  # chunks larger than T and V: one tile
-    (2, 11, 5, 17, 3, 1),  # one vocabulary column per tile
-])
+@pytest.mark.parametrize(
+    "b, t, d, v, chunk, vocab_chunk",
+    [
+        (2, 37, 16, 50, 8, 7),  # T % chunk and V % vocab_chunk nonzero: both last tiles overlap their predecessor
+        (3, 40, 8, 64, 8, 16),  # both divide
+        (2, 5, 4, 9, 512, 8192),  # chunks larger than T and V: one tile
+        (2, 11, 5, 17, 3, 1),  # one vocabulary column per tile
+    ],
+)
 def test_token_logps_value_and_gradients_equal_full_logits_float64(b, t, d, v, chunk, vocab_chunk):
     rng = np.random.default_rng(t * v)
     with jax.enable_x64(True):
@@ -277,8 +325,9 @@ def test_token_logps_bfloat16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(np.asarray(lp), np.asarray(want), rtol=1e-4, atol=1e-4)
     dh, dw = jax.jit(jax.grad(lambda h, w: token_logps(h, w, tgt, 8, vocab_chunk=16).sum(), argnums=(0, 1)))(h, w)
     assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
-    want_dh, want_dw = jax.jit(jax.grad(lambda h, w: full_logits_logps(h.astype(jnp.float32), w, tgt).sum(),
-                                        argnums=(0, 1)))(h, w.astype(jnp.bfloat16).astype(jnp.float32))
+    want_dh, want_dw = jax.jit(
+        jax.grad(lambda h, w: full_logits_logps(h.astype(jnp.float32), w, tgt).sum(), argnums=(0, 1))
+    )(h, w.astype(jnp.bfloat16).astype(jnp.float32))
     for got, ref in ((dh, want_dh), (dw, want_dw)):  # tile gradients are formed from bfloat16 operands
         ref = np.asarray(ref)
         np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
@@ -325,6 +374,8 @@ def test_span_logprob_gradient_temporaries_within_an_eighth_of_full_logits():
     mem = compiled.memory_analysis()
     assert mem is not None
     temp, budget, mib = mem.temp_size_in_bytes, b * t * v * 4 // 8, 2**20
-    print(f"span log-prob value_and_grad (B={b}, T={t}, V={v}, D={d}): temporaries {temp / mib:.1f} MiB, "
-          f"budget B*T*V*4/8 = {budget / mib:.1f} MiB; outputs {mem.output_size_in_bytes / mib:.1f} MiB")
+    print(
+        f"span log-prob value_and_grad (B={b}, T={t}, V={v}, D={d}): temporaries {temp / mib:.1f} MiB, "
+        f"budget B*T*V*4/8 = {budget / mib:.1f} MiB; outputs {mem.output_size_in_bytes / mib:.1f} MiB"
+    )
     assert 0 < temp <= budget

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from tiny_models import make_tiny
 
 from safer_jax.cli import main as cli_main
 from safer_jax.models import CheckpointError, ModelConfigError, from_pretrained, save_pretrained
-from tiny_models import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,11 @@ def test_misshapen_tensor(tiny_dir, tmp_path):
     t = load_file(d / "model.safetensors")
     t["model.layers.2.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
     save_file(t, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.2.self_attn.k_proj.weight' "
-                                              r"has shape \(16, 64\), expected \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.2.self_attn.k_proj.weight' "
+        r"has shape \(16, 64\), expected \(32, 64\)",
+    ):
         from_pretrained(d)
 
 
@@ -167,8 +170,8 @@ def test_cli_convert(tiny_dir, tmp_path, capsys):
 
     tok_src = tmp_path / "src"
     shutil.copytree(tiny_dir, tok_src)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(160)} | {"[UNK]": 3}, unk_token="[UNK]"))
     PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]").save_pretrained(tok_src)

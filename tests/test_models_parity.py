@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILY_CONFIGS, make_tiny
 
 from safer_jax.models import from_pretrained, save_pretrained
 from safer_jax.models.rope import inv_frequencies
-from tiny_models import FAMILY_CONFIGS, make_tiny
 
 T = 64
 
@@ -52,7 +52,7 @@ def test_family_logits_match_transformers_and_export_roundtrip(kind, tmp_path):
         from safetensors import safe_open
 
         with safe_open(str(tmp_path / "out" / "model.safetensors"), "numpy") as f:
-            assert "lm_head.weight" not in f.keys()
+            assert "lm_head.weight" not in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
 
 
 def test_llama3_rope_frequencies_match_transformers(tmp_path):
@@ -72,7 +72,7 @@ def test_mistral_sliding_window_is_applied(tmp_path):
     make_tiny("mistral", tmp_path)
     model = from_pretrained(tmp_path)
     assert model.config.sliding_windows == (8,) * 3
-    ids, mask = right_padded_batch(160)
+    ids, _ = right_padded_batch(160)
     with_window = np.asarray(model(ids))
     model.config = model.config.replace(sliding_windows=(0,) * 3)
     assert not np.allclose(with_window[:, 20:], np.asarray(model(ids))[:, 20:], atol=1e-3)

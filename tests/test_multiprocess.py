@@ -17,8 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "configs" / "sft" / "tiny.yaml"
 PREF = ROOT / "configs" / "prefopt" / "tiny.yaml"
-COMMON = ["mesh.fsdp=8", "data.seq_len=128", "data.batch_size=8", "train.log_every=1", "train.async_checkpoint=false",
-          "train.tensorboard=false", "train.export_final=false"]
+COMMON = [
+    "mesh.fsdp=8",
+    "data.seq_len=128",
+    "data.batch_size=8",
+    "train.log_every=1",
+    "train.async_checkpoint=false",
+    "train.tensorboard=false",
+    "train.export_final=false",
+]
 
 
 def _free_port() -> int:
@@ -48,11 +55,19 @@ def start_two(tmp: Path, *args: str, per_process: dict[int, dict[str, str]] | No
     port = _free_port()
     procs = []
     for i in range(2):
-        env = _env(tmp, XLA_FLAGS="--xla_force_host_platform_device_count=4", SAFER_JAX_DISTRIBUTED="1",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                   SAFER_JAX_INIT_TIMEOUT="60", **(per_process or {}).get(i, {}))
-        procs.append(subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = _env(
+            tmp,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            SAFER_JAX_DISTRIBUTED="1",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            SAFER_JAX_INIT_TIMEOUT="60",
+            **(per_process or {}).get(i, {}),
+        )
+        procs.append(
+            subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     return procs
 
 
@@ -88,13 +103,14 @@ def sft_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp_sft")
     one, two = tmp / "one", tmp / "two"
     run_one(tmp, "sft", "--config", str(SFT), f"run_dir={one}", "train.steps=3", "train.checkpoint_every=3", *COMMON)
-    res = run_two(tmp, "sft", "--config", str(SFT), f"run_dir={two}", "train.steps=3", "train.checkpoint_every=3",
-                  *COMMON)
+    res = run_two(
+        tmp, "sft", "--config", str(SFT), f"run_dir={two}", "train.steps=3", "train.checkpoint_every=3", *COMMON
+    )
     return tmp, one, two, res
 
 
 def test_two_processes_equal_one(sft_runs):
-    tmp, one, two, res = sft_runs
+    _, one, two, res = sft_runs
     assert "distributed: process 0 of 2" in res[0][1] and "distributed: process 1 of 2" in res[1][1]
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 3
@@ -103,9 +119,10 @@ def test_two_processes_equal_one(sft_runs):
 
 
 def test_two_process_checkpoint_continues_in_one_process(sft_runs):
-    tmp, one, two, _ = sft_runs
-    r = run_one(tmp, "sft", "--config", str(SFT), f"run_dir={two}", "train.steps=5", "train.checkpoint_every=5",
-                *COMMON)
+    tmp, _, two, _ = sft_runs
+    r = run_one(
+        tmp, "sft", "--config", str(SFT), f"run_dir={two}", "train.steps=5", "train.checkpoint_every=5", *COMMON
+    )
     assert "resumed from" in r.stdout + r.stderr and "at step 3" in r.stdout + r.stderr
     assert len(losses(two)) == 5 and (two / "checkpoints" / "5").is_dir()
 
@@ -127,8 +144,18 @@ def test_prefopt_cache_and_ld_alpha_agree(tmp_path):
 
 def test_deadline_with_a_skewed_clock_stops_both_at_one_step(tmp_path):
     d = tmp_path / "r"
-    res = run_two(tmp_path, "sft", "--config", str(SFT), f"run_dir={d}", "train.steps=50", "train.checkpoint_every=50",
-                  "train.max_minutes=30", *COMMON, per_process={1: {"SAFER_JAX_TEST_CLOCK_SKEW_S": "100000"}})
+    res = run_two(
+        tmp_path,
+        "sft",
+        "--config",
+        str(SFT),
+        f"run_dir={d}",
+        "train.steps=50",
+        "train.checkpoint_every=50",
+        "train.max_minutes=30",
+        *COMMON,
+        per_process={1: {"SAFER_JAX_TEST_CLOCK_SKEW_S": "100000"}},
+    )
     assert "train.max_minutes=30 reached after step 1" in res[0][1]  # process 1's clock decided, process 0 followed
     assert sorted(p.name for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
     assert len(losses(d)) == 1
@@ -136,8 +163,9 @@ def test_deadline_with_a_skewed_clock_stops_both_at_one_step(tmp_path):
 
 def test_sigterm_to_one_process_stops_both(tmp_path):
     d = tmp_path / "r"
-    procs = start_two(tmp_path, "sft", "--config", str(SFT), f"run_dir={d}", "train.steps=500",
-                      "train.checkpoint_every=500", *COMMON)
+    procs = start_two(
+        tmp_path, "sft", "--config", str(SFT), f"run_dir={d}", "train.steps=500", "train.checkpoint_every=500", *COMMON
+    )
     t0 = time.time()
     try:
         while not (d / "metrics.jsonl").exists() or len(losses(d)) < 2:
@@ -156,18 +184,35 @@ def test_sigterm_to_one_process_stops_both(tmp_path):
 
 def test_a_wrong_row_order_is_caught(tmp_path):
     """Devices interleaved between processes: chosen and rejected rows would not pair, so both stop."""
-    res = run_two(tmp_path, "prefopt", "--config", str(PREF), *COMMON, "train.steps=1",
-                  f"run_dir={tmp_path / 'r'}", f"preference.cache_dir={tmp_path / 'c'}", ok=False,
-                  per_process={0: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"},
-                               1: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"}})
+    res = run_two(
+        tmp_path,
+        "prefopt",
+        "--config",
+        str(PREF),
+        *COMMON,
+        "train.steps=1",
+        f"run_dir={tmp_path / 'r'}",
+        f"preference.cache_dir={tmp_path / 'c'}",
+        ok=False,
+        per_process={
+            0: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"},
+            1: {"SAFER_JAX_TEST_DEVICE_ORDER": "interleaved"},
+        },
+    )
     for rc, text in res:
         assert rc == 2 and "would not pair up" in text, text[-3000:]
 
 
-@pytest.mark.parametrize("override,msg", [("data.batch_size=3", "must be divisible by processes (2)"),
-                                          ("mesh.fsdp=4", "needs 4 devices, but jax.devices() has 8 (2 processes)")])
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("data.batch_size=3", "must be divisible by processes (2)"),
+        ("mesh.fsdp=4", "needs 4 devices, but jax.devices() has 8 (2 processes)"),
+    ],
+)
 def test_bad_multi_process_setups_fail_before_work(tmp_path, override, msg):
-    res = run_two(tmp_path, "sft", "--config", str(SFT), f"run_dir={tmp_path / 'r'}", "train.steps=1", *COMMON,
-                  override, ok=False)
+    res = run_two(
+        tmp_path, "sft", "--config", str(SFT), f"run_dir={tmp_path / 'r'}", "train.steps=1", *COMMON, override, ok=False
+    )
     for rc, text in res:
         assert rc == 2 and msg in text, text[-3000:]

@@ -55,8 +55,9 @@ def test_restored_iterator_yields_the_same_batches(traces, ct):
 
 def test_shuffle_is_deterministic_by_seed_and_processes_are_disjoint(traces, ct):
     def first_ids(seed, index=0, count=1):
-        cfg = PipelineConfig(seq_len=256, batch_size=1, seed=seed, process_index=index, process_count=count,
-                             num_epochs=1)
+        cfg = PipelineConfig(
+            seq_len=256, batch_size=1, seed=seed, process_index=index, process_count=count, num_epochs=1
+        )
         return [tuple(b["inputs"][0][:64]) for b in sft_dataset(traces[:24], ct, cfg, pack=False)]
 
     assert first_ids(0) == first_ids(0)
@@ -75,7 +76,7 @@ def test_preference_batches_put_chosen_then_rejected(traces, rules, ct):
         enc = encode_pair(ct, pairs[i])
         n = len(enc["chosen_ids"])
         np.testing.assert_array_equal(b["input_ids"][i, :n], enc["chosen_ids"])
-        np.testing.assert_array_equal(b["input_ids"][3 + i, :len(enc["rejected_ids"])], enc["rejected_ids"])
+        np.testing.assert_array_equal(b["input_ids"][3 + i, : len(enc["rejected_ids"])], enc["rejected_ids"])
         np.testing.assert_array_equal(b["span_mask"][i, :n], enc["chosen_mask"])
     assert (b["span_mask"].sum(1) > 0).all()
 
@@ -101,12 +102,17 @@ def test_pair_spans_context_and_eos(traces, rules, ct, smollm2_tokenizer):
 def test_other_pair_formats():
     trl = pair_from_record({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."})
     assert trl.prefix_steps == () and trl.chosen_final and trl.step_index is None
-    conv = pair_from_record({"prompt": [{"role": "user", "content": "Hi"}],
-                             "chosen": [{"role": "assistant", "content": "Hello!"}],
-                             "rejected": [{"role": "assistant", "content": "No."}]})
+    conv = pair_from_record(
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        }
+    )
     assert (conv.prompt, conv.chosen, conv.rejected) == ("Hi", "Hello!", "No.")
-    sd = pair_from_record({"prompt": "2+2?", "initial_reason_steps": "Step 1: add.\n", "chosen": "Step 2: 4.",
-                           "rejected": "Step 2: 5."})
+    sd = pair_from_record(
+        {"prompt": "2+2?", "initial_reason_steps": "Step 1: add.\n", "chosen": "Step 2: 4.", "rejected": "Step 2: 5."}
+    )
     assert sd.prefix_steps == ("Step 1: add.\n",) and not sd.chosen_final
 
 

@@ -37,7 +37,8 @@ def test_loss_is_log_two_when_policy_equals_reference(tiny, traces):
     graphdef, params, ref = setup(d)
     tx = optax.sgd(0.0)
     _, m = jax.jit(lambda s, b, r: preference_step(s, b, r, graphdef=graphdef, tx=tx))(
-        init_state(params, tx), pair_batch(traces, ct), ref)
+        init_state(params, tx), pair_batch(traces, ct), ref
+    )
     assert math.isclose(float(m["loss"]), math.log(2.0), rel_tol=1e-6)
     assert float(m["rewards/margin"]) == 0.0
 
@@ -82,8 +83,10 @@ def test_training_raises_margin_and_accuracy_and_leaves_the_reference_alone(tiny
     assert hist[-1]["rewards/margin"] > hist[0]["rewards/margin"] + 0.1
     assert hist[-1]["rewards/accuracy"] > hist[0]["rewards/accuracy"] or hist[-1]["rewards/accuracy"] == 1.0
     assert hist[-1]["loss"] < hist[0]["loss"]
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(policy_before),
-                                                                     jax.tree.leaves(state.params)))
+    assert any(
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(policy_before), jax.tree.leaves(state.params))
+    )
     for a, b in zip(jax.tree.leaves(ref_before), jax.tree.leaves(ref)):
         assert np.array_equal(a, np.asarray(b))
 
@@ -98,7 +101,8 @@ def test_sharded_preference_step_matches_unsharded(tiny, traces):
         state = init_state(jax.tree.map(jnp.zeros_like, params), ident, mesh).replace(params=params)
         b = shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh) if mesh is not None else batch
         new, m = jax.jit(lambda s, b, r: preference_step(s, b, r, graphdef=graphdef, tx=ident, hparams={"beta": 0.5}))(
-            state, b, ref)
+            state, b, ref
+        )
         grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params)
         return float(m["loss"]), grads
 

@@ -42,10 +42,23 @@ def model_dir(tiny, tmp_path_factory):
 
 
 def config(run_dir, model_dir, pairs_file, cache_dir, *extra):
-    return load_config(PrefOptConfig, str(TINY), [
-        f"run_dir={run_dir}", f"model.path={model_dir}", f"data.train={pairs_file}", f"preference.cache_dir={cache_dir}",
-        "train.steps=8", "train.log_every=1", "train.checkpoint_every=4", "data.batch_size=4", "data.seq_len=320",
-        "train.tensorboard=false", *extra])
+    return load_config(
+        PrefOptConfig,
+        str(TINY),
+        [
+            f"run_dir={run_dir}",
+            f"model.path={model_dir}",
+            f"data.train={pairs_file}",
+            f"preference.cache_dir={cache_dir}",
+            "train.steps=8",
+            "train.log_every=1",
+            "train.checkpoint_every=4",
+            "data.batch_size=4",
+            "data.seq_len=320",
+            "train.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def train_rows(run_dir):
@@ -70,8 +83,16 @@ def test_first_run_computes_the_cache_learns_and_exports(first_run):
     rows = train_rows(base / "run1")
     assert sorted(rows) == list(range(1, 9))
     assert math.isclose(rows[1]["loss"], math.log(2.0), rel_tol=1e-5)  # policy == reference at step 1
-    keys = {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "length/chosen",
-            "length/rejected", "grad_norm", "lr"}
+    keys = {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracy",
+        "rewards/margin",
+        "length/chosen",
+        "length/rejected",
+        "grad_norm",
+        "lr",
+    }
     assert all(keys <= set(r) for r in rows.values())
     assert all("tokens_per_s" in r and "tflops" in r for s, r in rows.items() if s > 1)
     print("margin", [round(rows[s]["rewards/margin"], 3) for s in sorted(rows)])
@@ -82,8 +103,9 @@ def test_first_run_computes_the_cache_learns_and_exports(first_run):
 def test_second_run_reuses_the_cache_with_no_reference_forward(first_run, model_dir, pairs_file):
     base, res, _ = first_run
     before = ref_cache.REFERENCE_FORWARDS["batches"]
-    res2 = train_prefopt(config(base / "run2", model_dir, pairs_file, base / "cache", "train.steps=2",
-                                "train.export_final=false"))
+    res2 = train_prefopt(
+        config(base / "run2", model_dir, pairs_file, base / "cache", "train.steps=2", "train.export_final=false")
+    )
     assert ref_cache.REFERENCE_FORWARDS["batches"] == before
     assert res2["cache_key"] == res["cache_key"]
     a, b = train_rows(base / "run1"), train_rows(base / "run2")
@@ -92,8 +114,17 @@ def test_second_run_reuses_the_cache_with_no_reference_forward(first_run, model_
 
 def test_cached_reference_equals_a_frozen_reference_model(first_run, model_dir, pairs_file):
     base, _, _ = first_run
-    train_prefopt(config(base / "run-live", model_dir, pairs_file, base / "cache", "train.steps=3",
-                         "preference.reference=model", "train.export_final=false"))
+    train_prefopt(
+        config(
+            base / "run-live",
+            model_dir,
+            pairs_file,
+            base / "cache",
+            "train.steps=3",
+            "preference.reference=model",
+            "train.export_final=false",
+        )
+    )
     cached, live = train_rows(base / "run1"), train_rows(base / "run-live")
     for s in (1, 2, 3):
         np.testing.assert_allclose(live[s]["loss"], cached[s]["loss"], rtol=1e-5)
@@ -108,8 +139,9 @@ def test_changed_pairs_or_reference_invalidate_the_cache(first_run, model_dir, p
     row["rejected"] = row["rejected"] + " Extra."
     changed.write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
     before = ref_cache.REFERENCE_FORWARDS["batches"]
-    r = train_prefopt(config(tmp_path / "a", model_dir, changed, base / "cache", "train.steps=1",
-                             "train.export_final=false"))
+    r = train_prefopt(
+        config(tmp_path / "a", model_dir, changed, base / "cache", "train.steps=1", "train.export_final=false")
+    )
     assert r["cache_key"] != res["cache_key"] and ref_cache.REFERENCE_FORWARDS["batches"] > before
 
     ref = tmp_path / "ref"  # the same architecture with other weights
@@ -120,8 +152,17 @@ def test_changed_pairs_or_reference_invalidate_the_cache(first_run, model_dir, p
     w = {k: v * np.float32(1.01) for k, v in w.items()}
     save_file(w, str(ref / "model.safetensors"), metadata={"format": "pt"})
     before = ref_cache.REFERENCE_FORWARDS["batches"]
-    r = train_prefopt(config(tmp_path / "b", model_dir, pairs_file, base / "cache", "train.steps=1",
-                             "train.export_final=false", f"preference.reference_path={ref}"))
+    r = train_prefopt(
+        config(
+            tmp_path / "b",
+            model_dir,
+            pairs_file,
+            base / "cache",
+            "train.steps=1",
+            "train.export_final=false",
+            f"preference.reference_path={ref}",
+        )
+    )
     assert r["cache_key"] != res["cache_key"] and ref_cache.REFERENCE_FORWARDS["batches"] > before
     assert len([p for p in (base / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]) == 3
 
@@ -137,8 +178,9 @@ def test_cache_key_covers_compute_settings_and_salt():
     assert ref_cache.cache_key("p", "t", "r", key(attention="cudnn")) != ref_cache.cache_key("p", "t", "r", k0)
 
 
-def test_float32_cache_is_not_used_by_bfloat16_and_a_changed_reference_stops_a_resume(first_run, model_dir,
-                                                                                        pairs_file, tmp_path):
+def test_float32_cache_is_not_used_by_bfloat16_and_a_changed_reference_stops_a_resume(
+    first_run, model_dir, pairs_file, tmp_path
+):
     from safer_jax.training.prefopt_loop import ref_logps_command
 
     base, res, _ = first_run
@@ -151,8 +193,9 @@ def test_float32_cache_is_not_used_by_bfloat16_and_a_changed_reference_stops_a_r
         train_prefopt(config(run, model_dir, pairs_file, base / "cache", "train.steps=12", "model.dtype=bfloat16"))
     assert (run / "metrics.jsonl").read_text() == rows  # nothing trained against the other reference
     before = ref_cache.REFERENCE_FORWARDS["batches"]
-    _, entry, hit = ref_logps_command(config(tmp_path / "bf16", model_dir, pairs_file, base / "cache",
-                                             "model.dtype=bfloat16"))
+    _, entry, hit = ref_logps_command(
+        config(tmp_path / "bf16", model_dir, pairs_file, base / "cache", "model.dtype=bfloat16")
+    )
     assert not hit and entry.name != res["cache_key"] and ref_cache.REFERENCE_FORWARDS["batches"] > before
 
 
@@ -166,17 +209,26 @@ def test_prefopt_run_exports_as_a_hf_folder_and_resumes(first_run, model_dir, pa
     ref = from_pretrained(base / "run1" / "export")
     for a, b in zip(jax.tree.leaves(nnx.state(m, nnx.Param)), jax.tree.leaves(nnx.state(ref, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    res = train_prefopt(config(base / "run1", model_dir, pairs_file, base / "cache", "train.steps=10",
-                               "train.export_final=false"))
+    res = train_prefopt(
+        config(base / "run1", model_dir, pairs_file, base / "cache", "train.steps=10", "train.export_final=false")
+    )
     assert res["step"] == 10 and sorted(train_rows(base / "run1"))[-2:] == [9, 10]
 
 
 def test_ref_logps_command_writes_then_reuses(model_dir, pairs_file, tmp_path, capsys):
     from safer_jax.cli import main
 
-    args = ["ref-logps", "--config", str(TINY), f"run_dir={tmp_path / 'r'}", f"model.path={model_dir}",
-            f"data.train={pairs_file}", f"preference.cache_dir={tmp_path / 'cache'}", "data.seq_len=320",
-            "data.batch_size=4"]
+    args = [
+        "ref-logps",
+        "--config",
+        str(TINY),
+        f"run_dir={tmp_path / 'r'}",
+        f"model.path={model_dir}",
+        f"data.train={pairs_file}",
+        f"preference.cache_dir={tmp_path / 'cache'}",
+        "data.seq_len=320",
+        "data.batch_size=4",
+    ]
     assert main(args) == 0
     assert "wrote reference log-probs of" in capsys.readouterr().out
     assert main(args) == 0
@@ -198,8 +250,10 @@ def test_pair_layout_splits_process_blocks_and_microbatches():
 def test_gradient_accumulation_equals_one_batch(tiny, traces, rules):
     d, ct = tiny
     pairs = make_pairs(traces[:12], rules, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in
-             next(iter(preference_dataset(pairs, ct, PipelineConfig(seq_len=320, batch_size=4)))).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in next(iter(preference_dataset(pairs, ct, PipelineConfig(seq_len=320, batch_size=4)))).items()
+    }
     model = from_pretrained(d)
     graphdef, params = nnx.split(model)
     ref = jax.tree.map(lambda x: x * 1.02, params)  # a reference unlike the policy: non-trivial loss
@@ -207,8 +261,9 @@ def test_gradient_accumulation_equals_one_batch(tiny, traces, rules):
     outs = []
     for accum in (1, 2, 4):
         state = init_state(jax.tree.map(jnp.copy, params), tx)
-        new, m = jax.jit(lambda s, b, r: preference_step(s, b, r, graphdef=graphdef, tx=tx, accum=accum))(
-            state, batch, ref)
+        new, m = jax.jit(lambda s, b, r, a=accum: preference_step(s, b, r, graphdef=graphdef, tx=tx, accum=a))(
+            state, batch, ref
+        )
         outs.append((float(m["loss"]), float(m["rewards/margin"]), jax.tree.map(np.asarray, new.params)))
     for loss, margin, p in outs[1:]:
         np.testing.assert_allclose(loss, outs[0][0], rtol=1e-5)

@@ -61,11 +61,13 @@ def _filtered(raw, tmp_path):
 
 
 def test_filter_drops_refusals_loops_and_unfinished_answers(tmp_path):
-    rows = [{"id": "ok", "response": "Paris is the capital of France.", "finish_reason": "stop"},
-            {"id": "cut", "response": "Paris is", "finish_reason": "length"},
-            {"id": "no", "response": "I'm sorry, but I can't help with that.", "finish_reason": "stop"},
-            {"id": "loop", "response": " ".join(["the same words again and again"] * 30), "finish_reason": "stop"},
-            {"id": "empty", "response": "  ", "finish_reason": "stop"}]
+    rows = [
+        {"id": "ok", "response": "Paris is the capital of France.", "finish_reason": "stop"},
+        {"id": "cut", "response": "Paris is", "finish_reason": "length"},
+        {"id": "no", "response": "I'm sorry, but I can't help with that.", "finish_reason": "stop"},
+        {"id": "loop", "response": " ".join(["the same words again and again"] * 30), "finish_reason": "stop"},
+        {"id": "empty", "response": "  ", "finish_reason": "stop"},
+    ]
     assert drop_reason(rows[0]) is None
     assert [drop_reason(r).split(" ")[0] for r in rows[1:]] == ["unfinished", "refusal", "looping", "empty"]
     raw = tmp_path / "raw.jsonl"

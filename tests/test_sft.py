@@ -26,8 +26,11 @@ TINY = ROOT / "configs" / "sft" / "tiny.yaml"
 
 
 def batches(traces, ct, n, batch_size, seq_len=256, pack=True, seed=0):
-    it = iter(sft_dataset(traces, ct, PipelineConfig(seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                                     packing_bins=4), pack=pack))
+    it = iter(
+        sft_dataset(
+            traces, ct, PipelineConfig(seq_len=seq_len, batch_size=batch_size, seed=seed, packing_bins=4), pack=pack
+        )
+    )
     return [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(n)]
 
 
@@ -54,7 +57,8 @@ def grads_of(model_dir, batch, mesh=None):
     state = init_state(zero, tx, mesh)
     state = state.replace(params=params)
     new, m = jax.jit(lambda s, b: sft_step(s, b, graphdef=graphdef, tx=tx, chunk=64))(
-        state, shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh) if mesh is not None else batch)
+        state, shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh) if mesh is not None else batch
+    )
     grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params)
     return float(m["loss"]), grads
 
@@ -129,9 +133,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny, traces):
         for seg, r in enumerate(row, 1):
             n = int(lengths[r])
             for k in ("inputs", "targets", "weights"):
-                packed[k][i, at:at + n] = unpacked[k][r, :n]
-            packed["segment_ids"][i, at:at + n] = seg
-            packed["positions"][i, at:at + n] = np.arange(n)
+                packed[k][i, at : at + n] = unpacked[k][r, :n]
+            packed["segment_ids"][i, at : at + n] = seg
+            packed["positions"][i, at : at + n] = np.arange(n)
             at += n
     lp, _ = grads_of(d, {k: jnp.asarray(v) for k, v in packed.items()})
     lu, _ = grads_of(d, {k: jnp.asarray(v) for k, v in unpacked.items()})
@@ -147,7 +151,7 @@ def test_bfloat16_follows_the_float32_curve(tiny, traces):
         graphdef, params = nnx.split(model)
         tx = optax.adam(1e-3)
         state = init_state(params, tx)
-        step = jax.jit(lambda s, b: sft_step(s, b, graphdef=graphdef, tx=tx, chunk=128))
+        step = jax.jit(lambda s, b, g=graphdef, t=tx: sft_step(s, b, graphdef=g, tx=t, chunk=128))
         curves[dt] = []
         for _ in range(30):
             state, m = step(state, data)
@@ -178,10 +182,21 @@ def test_unknown_override_lists_valid_keys(capsys, tmp_path):
 
 def runner(run_dir, *args, timeout=300):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(ROOT / "tests" / "sft_runner.py"), *args, f"run_dir={run_dir}",
-           "train.log_every=1", "train.checkpoint_every=5", "train.steps=20", "train.export_final=false",
-           "data.seq_len=256", "data.batch_size=4", f"data.eval={bundled('train_traces.jsonl')}",
-           "train.eval_every=10", "train.eval_batches=2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "sft_runner.py"),
+        *args,
+        f"run_dir={run_dir}",
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        "train.steps=20",
+        "train.export_final=false",
+        "data.seq_len=256",
+        "data.batch_size=4",
+        f"data.eval={bundled('train_traces.jsonl')}",
+        "train.eval_every=10",
+        "train.eval_batches=2",
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -259,9 +274,21 @@ def test_kill_during_async_save_resumes_from_a_complete_checkpoint(uninterrupted
 def test_sigterm_saves_and_exits_zero_then_continues(uninterrupted, tmp_path):
     d = tmp_path / "term"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "safer_jax.cli", "sft", "--config", str(TINY), f"run_dir={d}", "train.steps=400",
-           "train.log_every=1", "train.checkpoint_every=1000", "train.export_final=false", "data.seq_len=256",
-           "data.batch_size=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "safer_jax.cli",
+        "sft",
+        "--config",
+        str(TINY),
+        f"run_dir={d}",
+        "train.steps=400",
+        "train.log_every=1",
+        "train.checkpoint_every=1000",
+        "train.export_final=false",
+        "data.seq_len=256",
+        "data.batch_size=4",
+    ]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in p.stdout:
@@ -282,8 +309,16 @@ def test_sigterm_saves_and_exits_zero_then_continues(uninterrupted, tmp_path):
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
-    base = [f"run_dir={tmp_path / 'a'}", "train.steps=5", "train.checkpoint_every=5", "train.export_final=false",
-            "data.seq_len=256", "data.batch_size=4", "train.log_every=1", "train.tensorboard=false"]
+    base = [
+        f"run_dir={tmp_path / 'a'}",
+        "train.steps=5",
+        "train.checkpoint_every=5",
+        "train.export_final=false",
+        "data.seq_len=256",
+        "data.batch_size=4",
+        "train.log_every=1",
+        "train.tensorboard=false",
+    ]
     from safer_jax.training.sft_loop import train_sft
 
     train_sft(load_config(SFTConfig, str(TINY), base))
@@ -291,8 +326,13 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     same = train_sft(load_config(SFTConfig, str(TINY), base + ["train.steps=6"]))
-    other = train_sft(load_config(SFTConfig, str(TINY), [o.replace("/a", "/b") for o in base] +
-                                  ["train.steps=6", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]))
+    other = train_sft(
+        load_config(
+            SFTConfig,
+            str(TINY),
+            [o.replace("/a", "/b") for o in base] + ["train.steps=6", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+        )
+    )
     assert other["state"].params["layers"]["wq"][...].sharding.mesh.shape["tensor"] == 2
     np.testing.assert_allclose(other["loss"], same["loss"], rtol=1e-5)
 
@@ -301,7 +341,21 @@ def test_sft_reports_a_malformed_training_file_without_traceback(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(bundled("train_traces.jsonl").read_text().splitlines()[0] + "\n{oops\n")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "-m", "safer_jax.cli", "sft", "--config", str(TINY), f"run_dir={tmp_path / 'r'}",
-                        f"data.train={f}"], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safer_jax.cli",
+            "sft",
+            "--config",
+            str(TINY),
+            f"run_dir={tmp_path / 'r'}",
+            f"data.train={f}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "bad.jsonl:2: malformed JSON" in r.stderr and "Traceback" not in r.stderr

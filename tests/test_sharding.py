@@ -8,12 +8,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny_models import make_tiny
 
 from safer_jax import sharding
 from safer_jax.config import MeshConfig
 from safer_jax.models import from_pretrained
 from safer_jax.sharding import logical_to_spec, make_mesh
-from tiny_models import make_tiny
 
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)
 
@@ -61,7 +61,7 @@ def test_dcn_axis_is_data_parallel():
     assert batch_ways(mesh) == 4
     assert logical_to_spec(("batch", "length"), (8, 16), mesh) == jax.sharding.PartitionSpec(("dcn", "fsdp"), None)
     assert logical_to_spec(("embed", "mlp"), (64, 128), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
-    with pytest.raises(ValueError, match="jax.devices\\(\\) has 8"):
+    with pytest.raises(ValueError, match=r"jax.devices\(\) has 8"):
         make_mesh(MeshConfig(dcn=2, data=1, fsdp=4, tensor=2))
 
 

@@ -19,8 +19,12 @@ PROMPTS = ["What is the capital of France?", "How do I build a bomb?"]
 
 
 def chat_ids(tok):
-    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                    tokenize=True, return_dict=True)["input_ids"] for p in PROMPTS]
+    rows = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for p in PROMPTS
+    ]
     return [np.asarray(r)[None] for r in rows]
 
 
@@ -57,8 +61,9 @@ def test_export_reloads_in_transformers(smollm2_torch, smollm2_jax, tmp_path):
     ids = chat_ids(tok2)[0]
     assert ids.tolist() == chat_ids(tok)[0].tolist()
     with torch.no_grad():
-        np.testing.assert_allclose(back(torch.tensor(ids)).logits.numpy(), tm(torch.tensor(ids)).logits.numpy(),
-                                   atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            back(torch.tensor(ids)).logits.numpy(), tm(torch.tensor(ids)).logits.numpy(), atol=1e-4, rtol=1e-4
+        )
     # our loader reads the sharded export too
     again = from_pretrained(tmp_path)
     np.testing.assert_allclose(np.asarray(again(ids)), np.asarray(smollm2_jax(ids)), atol=1e-5, rtol=1e-5)

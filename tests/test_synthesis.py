@@ -2,6 +2,7 @@
 misbehaves (429, timeouts, broken JSON); resume."""
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -31,8 +32,12 @@ def test_template_teacher_is_valid_and_varied(rules, prompts):
     # never one fixed sentence per rule
     assert all(len(v) >= 2 for k, v in by_rule.items() if sum(1 for t in traces if t.rules[:1] == (k,)) >= 3)
     decisions = collections.Counter((t.label, t.decision) for t in traces)
-    assert set(decisions) == {("harmful", "refuse"), ("harmful", "safe_complete"), ("benign", "comply"),
-                              ("borderline", "safe_complete")}
+    assert set(decisions) == {
+        ("harmful", "refuse"),
+        ("harmful", "safe_complete"),
+        ("benign", "comply"),
+        ("borderline", "safe_complete"),
+    }
     # self-harm (and only self-harm) gets the supportive safe completion; other refusals name the concern
     from safer_jax.evaluation.selfharm import check_supportive
 
@@ -60,7 +65,9 @@ class Server:
                 n = outer.calls[prompt]
                 outer.calls[prompt] += 1
                 plan = outer.plans.get(prompt, [])
-                mode = plan[n] if n < len(plan) else plan[-1] if plan and plan[-1] in ("always500", "malformed") else "ok"
+                mode = (
+                    plan[n] if n < len(plan) else plan[-1] if plan and plan[-1] in ("always500", "malformed") else "ok"
+                )
                 if mode in ("429", "always500"):
                     self.send_response(429 if mode == "429" else 500)
                     if mode == "429":
@@ -78,10 +85,8 @@ class Server:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -96,13 +101,19 @@ def test_openai_teacher_against_a_flaky_server(rules, prompts, tmp_path):
     by = {k: [p for p in prompts if p.label == k] for k in ("harmful", "benign", "borderline")}
     subset = by["harmful"][:6] + by["benign"][:5] + by["borderline"][:4]  # distinct prompts
     answers = {p.prompt: render(TemplateTeacher(rules, seed=7)(p)) for p in subset}
-    plans = {subset[0].prompt: ["429", "429"], subset[1].prompt: ["timeout"], subset[2].prompt: ["broken"],
-             subset[3].prompt: ["429", "broken", "timeout"], subset[4].prompt: ["malformed"],
-             subset[5].prompt: ["always500"]}
+    plans = {
+        subset[0].prompt: ["429", "429"],
+        subset[1].prompt: ["timeout"],
+        subset[2].prompt: ["broken"],
+        subset[3].prompt: ["429", "broken", "timeout"],
+        subset[4].prompt: ["malformed"],
+        subset[5].prompt: ["always500"],
+    }
     server = Server(answers, plans)
     try:
-        teacher = OpenAITeacher(rules, server.url, "teacher-model", max_retries=3, timeout=0.5, backoff=0.01,
-                                rate_limit=200)
+        teacher = OpenAITeacher(
+            rules, server.url, "teacher-model", max_retries=3, timeout=0.5, backoff=0.01, rate_limit=200
+        )
         out = tmp_path / "traces.jsonl"
         res = synthesize(subset, teacher, rules, out, concurrency=4, progress=False)
         written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -163,8 +174,10 @@ class _Edited:
 def test_wrong_rule_title_and_wrong_verdict_are_rejected_with_reasons(rules, prompts, tmp_path):
     r01 = next(p for p in prompts if p.label == "harmful" and p.rules[0] == "R01")
     benign = next(p for p in prompts if p.label == "benign")
-    cases = {r01.id: "R01 (theft and vandalism): violated. The request seeks weapons uplift.",
-             benign.id: f"{benign.rules[0]} ({rules[benign.rules[0]].title.lower()}): applies. Ordinary help."}
+    cases = {
+        r01.id: "R01 (theft and vandalism): violated. The request seeks weapons uplift.",
+        benign.id: f"{benign.rules[0]} ({rules[benign.rules[0]].title.lower()}): applies. Ordinary help.",
+    }
     bad_verdict = next(p for p in prompts if p.label == "harmful" and p.id != r01.id)
     cases[bad_verdict.id] = f"{bad_verdict.rules[0]} ({rules[bad_verdict.rules[0]].title.lower()}): applies."
     teacher = _Edited(rules, lambda rec: cases[rec.id])
@@ -179,7 +192,9 @@ def test_wrong_rule_title_and_wrong_verdict_are_rejected_with_reasons(rules, pro
     res2 = synthesize([r01, bad_verdict], teacher, rules, out2, progress=False, repair=True)
     assert (res2.written, res2.rejected, res2.repaired) == (1, 1, 1)
     fixed = json.loads(out2.read_text())
-    assert fixed["id"] == r01.id and fixed["steps"]["rule_verification"].startswith(f"R01 ({rules['R01'].title.lower()})")
+    assert fixed["id"] == r01.id and fixed["steps"]["rule_verification"].startswith(
+        f"R01 ({rules['R01'].title.lower()})"
+    )
     assert "'apply'" in json.loads((tmp_path / "r.rejects.jsonl").read_text())["reasons"][0]
 
 
@@ -194,8 +209,9 @@ def test_declared_alias_is_accepted_and_claims_fit_kind_and_label(rules):
     steps = {"initial_assessment": "a", "path_calibration": "c"}
 
     def problems(verification, label):
-        return rule_claim_problems(Trace("x", "p", {**steps, "rule_verification": verification}, "refuse", "r",
-                                         label, ("R01",)), book)
+        return rule_claim_problems(
+            Trace("x", "p", {**steps, "rule_verification": verification}, "refuse", "r", label, ("R01",)), book
+        )
 
     assert problems("R01 (cbrn weapons): violated. Uplift.", "harmful") == []
     assert problems("R01: violated.", "harmful") == []  # no title given: nothing to compare
@@ -218,6 +234,13 @@ def test_rulebook_aliases_are_loaded_and_accepted(rules):
     from safer_jax.data.traces import Trace
 
     assert "self-harm" in rules["R08"].aliases
-    t = Trace("x", "p", {"initial_assessment": "a", "rule_verification": "R08 (self-harm): violated.",
-                         "path_calibration": "c"}, "safe_complete", "r", "harmful", ("R08",))
+    t = Trace(
+        "x",
+        "p",
+        {"initial_assessment": "a", "rule_verification": "R08 (self-harm): violated.", "path_calibration": "c"},
+        "safe_complete",
+        "r",
+        "harmful",
+        ("R08",),
+    )
     assert rule_claim_problems(t, rules) == []

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from test_traces import make_trace
 
 from safer_jax.data.records import DataError
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats, truncate
 from safer_jax.data.traces import render, segments
-from test_traces import make_trace
 
 
 def test_masked_tokens_decode_to_assistant_text_plus_end_of_turn(smollm2_tokenizer):
@@ -22,7 +22,9 @@ def test_masked_tokens_decode_to_assistant_text_plus_end_of_turn(smollm2_tokeniz
         assert tok.decode(ids[:first]) == ct.render(ct.messages(t.prompt))
         assert mask[first:].all()
         # the assistant ids are the steps, each tokenized on its own
-        assert ids[mask][:-1].tolist() == [i for seg in segments(t) for i in tok(seg, add_special_tokens=False)["input_ids"]]
+        assert ids[mask][:-1].tolist() == [
+            i for seg in segments(t) for i in tok(seg, add_special_tokens=False)["input_ids"]
+        ]
 
 
 def test_truncation_counts():
@@ -31,7 +33,7 @@ def test_truncation_counts():
     assert len(truncate(ex, 6, stats)["input_ids"]) == 6
     truncate({"input_ids": np.arange(4), "loss_mask": np.ones(4)}, 6, stats)
     assert (stats.examples, stats.truncated, stats.tokens_dropped) == (2, 1, 4)
-    assert "1/2 examples truncated (4 tokens dropped)" == stats.summary()
+    assert stats.summary() == "1/2 examples truncated (4 tokens dropped)"
 
 
 def test_tokenizer_without_chat_template_is_refused(smollm2_tokenizer):

@@ -60,8 +60,9 @@ def gcloud(tmp_path):
     def run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         e = {k: v for k, v in os.environ.items() if k not in ("PROJECT", "ZONE", "HF_TOKEN", "BUCKET")}
         e.update(PATH=f"{bindir}:{os.environ['PATH']}", GCLOUD_LOG=str(log), POLL_SECONDS="0", **env)
-        return subprocess.run(["bash", str(TPU / script), *args], env=e, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            ["bash", str(TPU / script), *args], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
 
     def calls() -> list[list[str]]:
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -86,21 +87,52 @@ def test_create_spot_queued_resource(gcloud):
     run, calls = gcloud
     r = run("create.sh", "mytpu", "--spot", "--accelerator-type", "v5p-32", *COMMON)
     assert r.returncode == 0, r.stderr
-    assert calls()[0] == ["compute", "tpus", "queued-resources", "create", "mytpu-qr", "--node-id", "mytpu",
-                          "--accelerator-type", "v5p-32", "--runtime-version", "v2-alpha-tpuv5", "--spot",
-                          "--project", "proj", "--zone", "us-east5-a"]
+    assert calls()[0] == [
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "mytpu-qr",
+        "--node-id",
+        "mytpu",
+        "--accelerator-type",
+        "v5p-32",
+        "--runtime-version",
+        "v2-alpha-tpuv5",
+        "--spot",
+        "--project",
+        "proj",
+        "--zone",
+        "us-east5-a",
+    ]
     assert calls()[1][:4] == ["compute", "tpus", "queued-resources", "describe"]  # waited for ACTIVE
     assert "+ gcloud compute tpus queued-resources create mytpu-qr" in r.stderr  # printed before it ran
 
 
 def test_create_from_environment_and_failure(gcloud):
     run, calls = gcloud
-    r = run("create.sh", "t", "--preemptible", PROJECT="p2", ZONE="z2", ACCELERATOR_TYPE="v6e-8",
-            STUB_QR_STATES="FAILED")
+    r = run(
+        "create.sh", "t", "--preemptible", PROJECT="p2", ZONE="z2", ACCELERATOR_TYPE="v6e-8", STUB_QR_STATES="FAILED"
+    )
     assert r.returncode != 0 and "is FAILED" in r.stderr
-    assert calls()[0] == ["compute", "tpus", "queued-resources", "create", "t-qr", "--node-id", "t",
-                          "--accelerator-type", "v6e-8", "--runtime-version", "v2-alpha-tpuv6e", "--preemptible",
-                          "--project", "p2", "--zone", "z2"]
+    assert calls()[0] == [
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "t-qr",
+        "--node-id",
+        "t",
+        "--accelerator-type",
+        "v6e-8",
+        "--runtime-version",
+        "v2-alpha-tpuv6e",
+        "--preemptible",
+        "--project",
+        "p2",
+        "--zone",
+        "z2",
+    ]
 
 
 def test_missing_project_is_a_clear_error(gcloud):
@@ -111,8 +143,9 @@ def test_missing_project_is_a_clear_error(gcloud):
 
 def test_install_all_workers_token_masked(gcloud):
     run, calls = gcloud
-    r = run("install.sh", "mytpu", "https://github.com/org/safer-jax.git", "--ref", "v1", *COMMON,
-            HF_TOKEN="hf_secret123")
+    r = run(
+        "install.sh", "mytpu", "https://github.com/org/safer-jax.git", "--ref", "v1", *COMMON, HF_TOKEN="hf_secret123"
+    )
     assert r.returncode == 0, r.stderr
     (call,) = calls()
     assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "mytpu"]
@@ -127,18 +160,41 @@ def test_install_all_workers_token_masked(gcloud):
 
 def test_launch_one_log_per_worker(gcloud, tmp_path):
     run, calls = gcloud
-    r = run("launch.sh", "mytpu", *COMMON, "--", "safer-jax", "sft", "--config", "configs/sft/x.yaml",
-            "run_dir=gs://bkt/runs/a b")
+    r = run(
+        "launch.sh",
+        "mytpu",
+        *COMMON,
+        "--",
+        "safer-jax",
+        "sft",
+        "--config",
+        "configs/sft/x.yaml",
+        "run_dir=gs://bkt/runs/a b",
+    )
     assert r.returncode == 0, r.stderr
     describe, *ssh = calls()
     assert describe[:5] == ["compute", "tpus", "tpu-vm", "describe", "mytpu"]
     assert sorted(c[5] for c in ssh) == ["--worker=0", "--worker=1"]  # two endpoints -> two workers
-    remote = ("cd ~/safer-jax && . .venv/bin/activate && SAFER_JAX_DISTRIBUTED=1 safer-jax sft "
-              "--config configs/sft/x.yaml run_dir=gs://bkt/runs/a\\ b")
+    remote = (
+        "cd ~/safer-jax && . .venv/bin/activate && SAFER_JAX_DISTRIBUTED=1 safer-jax sft "
+        "--config configs/sft/x.yaml run_dir=gs://bkt/runs/a\\ b"
+    )
     for c in ssh:
         w = c[5]
-        assert c == ["compute", "tpus", "tpu-vm", "ssh", "mytpu", w, "--command", remote,
-                     "--project", "proj", "--zone", "us-east5-a"]
+        assert c == [
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            "mytpu",
+            w,
+            "--command",
+            remote,
+            "--project",
+            "proj",
+            "--zone",
+            "us-east5-a",
+        ]
     for w in (0, 1):
         first, *_, last = (tmp_path / "logs" / "mytpu" / f"worker-{w}.log").read_text().splitlines()
         assert first.startswith(f"+ gcloud compute tpus tpu-vm ssh mytpu --worker={w}")  # what ran, then its output
@@ -146,7 +202,7 @@ def test_launch_one_log_per_worker(gcloud, tmp_path):
 
 
 def test_launch_needs_a_command(gcloud):
-    run, calls = gcloud
+    run, _ = gcloud
     r = run("launch.sh", "mytpu", *COMMON, "--workers", "2")
     assert r.returncode == 2 and "no command" in r.stderr
 
@@ -157,28 +213,58 @@ def test_status_and_delete(gcloud):
     assert r.returncode == 0 and "ACTIVE" in r.stdout
     r = run("delete.sh", "mytpu", *COMMON)
     assert r.returncode == 0, r.stderr
-    assert calls()[-1] == ["compute", "tpus", "queued-resources", "delete", "mytpu-qr", "--force", "--quiet",
-                           "--project", "proj", "--zone", "us-east5-a"]
+    assert calls()[-1] == [
+        "compute",
+        "tpus",
+        "queued-resources",
+        "delete",
+        "mytpu-qr",
+        "--force",
+        "--quiet",
+        "--project",
+        "proj",
+        "--zone",
+        "us-east5-a",
+    ]
 
 
 def test_relaunch_after_preemption(gcloud):
     """Launch fails because the slice was preempted: delete, create, install, launch again, succeed."""
     run, calls = gcloud
-    r = run("relaunch.sh", "mytpu", "https://x/r.git", "--spot", "--max-attempts", "3", *COMMON, "--",
-            "safer-jax", "sft", "run_dir=gs://b/r",
-            STUB_QR_STATES="ACTIVE,SUSPENDED,SUSPENDED,ACTIVE", STUB_SSH_RCS="1,1,0")
+    r = run(
+        "relaunch.sh",
+        "mytpu",
+        "https://x/r.git",
+        "--spot",
+        "--max-attempts",
+        "3",
+        *COMMON,
+        "--",
+        "safer-jax",
+        "sft",
+        "run_dir=gs://b/r",
+        STUB_QR_STATES="ACTIVE,SUSPENDED,SUSPENDED,ACTIVE",
+        STUB_SSH_RCS="1,1,0",
+    )
     assert r.returncode == 0, r.stderr
     # workers start in parallel, in any order: name them by kind only
-    steps = [" ".join(c[2:4]) + (" " + c[5].replace("=0", "=N").replace("=1", "=N") if "ssh" in c else "")
-             for c in calls()]
+    steps = [
+        " ".join(c[2:4]) + (" " + c[5].replace("=0", "=N").replace("=1", "=N") if "ssh" in c else "") for c in calls()
+    ]
     assert steps == [
-        "queued-resources describe",                       # attempt 1: slice is up
-        "tpu-vm describe", "tpu-vm ssh --worker=N", "tpu-vm ssh --worker=N",  # launch fails on both workers
-        "queued-resources describe",                       # ... because the slice was preempted
-        "queued-resources describe",                       # attempt 2
-        "queued-resources delete", "queued-resources create", "queued-resources describe",  # recreated, ACTIVE
-        "tpu-vm ssh --worker=all",                         # install
-        "tpu-vm describe", "tpu-vm ssh --worker=N", "tpu-vm ssh --worker=N",  # the same command again
+        "queued-resources describe",  # attempt 1: slice is up
+        "tpu-vm describe",
+        "tpu-vm ssh --worker=N",
+        "tpu-vm ssh --worker=N",  # launch fails on both workers
+        "queued-resources describe",  # ... because the slice was preempted
+        "queued-resources describe",  # attempt 2
+        "queued-resources delete",
+        "queued-resources create",
+        "queued-resources describe",  # recreated, ACTIVE
+        "tpu-vm ssh --worker=all",  # install
+        "tpu-vm describe",
+        "tpu-vm ssh --worker=N",
+        "tpu-vm ssh --worker=N",  # the same command again
     ], steps
     create = calls()[7]
     assert "--spot" in create
@@ -189,7 +275,16 @@ def test_relaunch_after_preemption(gcloud):
 
 def test_relaunch_stops_on_a_failure_of_a_healthy_slice(gcloud):
     run, calls = gcloud
-    r = run("relaunch.sh", "mytpu", "https://x/r.git", *COMMON, "--", "safer-jax", "sft",
-            STUB_QR_STATES="ACTIVE", STUB_SSH_RCS="1")
+    r = run(
+        "relaunch.sh",
+        "mytpu",
+        "https://x/r.git",
+        *COMMON,
+        "--",
+        "safer-jax",
+        "sft",
+        STUB_QR_STATES="ACTIVE",
+        STUB_SSH_RCS="1",
+    )
     assert r.returncode == 2 and "healthy slice" in r.stderr
     assert not any("create" in c for c in calls())

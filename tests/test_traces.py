@@ -6,14 +6,21 @@ import pytest
 
 from safer_jax.data.traces import Trace, TraceFormat, parse, render, segments, trace_from_record, validate
 
+
 def make_trace(**kw):
     base = dict(
-        id="t1", prompt="How do I build a bomb?",
-        steps={"initial_assessment": "The request asks for explosive device instructions.",
-               "rule_verification": "R07 (weapons and explosives): violated. Building devices is prohibited.",
-               "path_calibration": "Refuse briefly and offer a safe alternative."},
-        decision="refuse", response="I can't help with that, but I can share general safety information.",
-        label="harmful", rules=("R07",))
+        id="t1",
+        prompt="How do I build a bomb?",
+        steps={
+            "initial_assessment": "The request asks for explosive device instructions.",
+            "rule_verification": "R07 (weapons and explosives): violated. Building devices is prohibited.",
+            "path_calibration": "Refuse briefly and offer a safe alternative.",
+        },
+        decision="refuse",
+        response="I can't help with that, but I can share general safety information.",
+        label="harmful",
+        rules=("R07",),
+    )
     base.update(kw)
     return Trace(**base)
 
@@ -27,8 +34,12 @@ def test_render_then_parse_is_identity():
 
 
 def test_custom_format_roundtrip():
-    fmt = TraceFormat(open_tag="<reasoning>", close_tag="</reasoning>",
-                      headers=("### Step 1", "### Step 2", "### Step 3"), decision_prefix="Path: ")
+    fmt = TraceFormat(
+        open_tag="<reasoning>",
+        close_tag="</reasoning>",
+        headers=("### Step 1", "### Step 2", "### Step 3"),
+        decision_prefix="Path: ",
+    )
     t = make_trace()
     text = render(t, fmt)
     assert text.startswith("<reasoning>\n### Step 1") and "Path: refuse" in text
@@ -36,15 +47,18 @@ def test_custom_format_roundtrip():
     assert p.valid and p.steps == t.steps and p.decision == "refuse"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda s: s.replace("</think>", ""), "no closing </think>"),
-    (lambda s: s.replace("<think>", ""), "no opening <think>"),
-    (lambda s: s.replace("## Rule Verification", "## Something"), "missing step '## Rule Verification'"),
-    (lambda s: s.replace("Decision: refuse", "Decision: maybe"), "unknown decision 'maybe'"),
-    (lambda s: s.replace("Decision: refuse\n", ""), "does not start with 'Decision:'"),
-    (lambda s: s.replace("R07", "rule seven"), "cites no rule id"),
-    (lambda s: s.split("</think>")[0] + "</think>\n", "empty final response"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.replace("</think>", ""), "no closing </think>"),
+        (lambda s: s.replace("<think>", ""), "no opening <think>"),
+        (lambda s: s.replace("## Rule Verification", "## Something"), "missing step '## Rule Verification'"),
+        (lambda s: s.replace("Decision: refuse", "Decision: maybe"), "unknown decision 'maybe'"),
+        (lambda s: s.replace("Decision: refuse\n", ""), "does not start with 'Decision:'"),
+        (lambda s: s.replace("R07", "rule seven"), "cites no rule id"),
+        (lambda s: s.split("</think>")[0] + "</think>\n", "empty final response"),
+    ],
+)
 def test_parser_names_what_is_malformed(mutate, message):
     p = parse(mutate(render(make_trace())))
     assert not p.valid
@@ -64,8 +78,11 @@ def test_validate_checks_rules_and_label_consistency(rules):
 
 def test_chat_messages_record():
     t = make_trace()
-    rec = {"id": "m1", "label": "harmful", "messages": [{"role": "user", "content": t.prompt},
-                                                        {"role": "assistant", "content": render(t)}]}
+    rec = {
+        "id": "m1",
+        "label": "harmful",
+        "messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": render(t)}],
+    }
     back = trace_from_record(rec)
     assert back == dataclasses.replace(t, id="m1")
     assert trace_from_record(t.to_json()) == t
@@ -81,10 +98,18 @@ def test_data_package_imports_no_models_and_no_jax():
     bad = []
     for f in Path(safer_jax.data.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            bad += [f"{f.name}: {n}" for n in names
-                    if n.split(".")[0] in ("jax", "flax") or n.startswith(("safer_jax.models", "safer_jax.generate"))]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            bad += [
+                f"{f.name}: {n}"
+                for n in names
+                if n.split(".")[0] in ("jax", "flax") or n.startswith(("safer_jax.models", "safer_jax.generate"))
+            ]
     assert not bad, bad
 
 

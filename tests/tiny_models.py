@@ -9,8 +9,14 @@ import torch
 FAMILY_CONFIGS = {
     "llama3": dict(
         model_type="llama",
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
         max_position_embeddings=128,
     ),
     "mistral": dict(model_type="mistral", sliding_window=8),
@@ -25,9 +31,19 @@ def make_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.M
 
     kw = dict(FAMILY_CONFIGS[kind])
     model_type = kw.pop("model_type")
-    base = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(kw)
     base.update(overrides)
     cfg = AutoConfig.for_model(model_type, **base)

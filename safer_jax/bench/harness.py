@@ -25,7 +25,13 @@ from typing import Any
 from safer_jax.bench.shapes import resolve_shape
 from safer_jax.bench.work import BenchSpec
 
-ATTENTION_NAMES = ("xla", "jax", "cudnn", "cudnn_rows", "splash")  # models/attention.py ATTENTION_BACKENDS (no jax import here)
+ATTENTION_NAMES = (
+    "xla",
+    "jax",
+    "cudnn",
+    "cudnn_rows",
+    "splash",
+)  # models/attention.py ATTENTION_BACKENDS (no jax import here)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "numpy")
 
 
@@ -48,8 +54,9 @@ def check(spec: BenchSpec, with_torch: bool) -> None:
         if importlib.util.find_spec("torch") is None:
             raise ValueError("--torch needs PyTorch, which is not installed: pip install 'safer-jax[torch]'")
         if spec.task == "prefopt" and importlib.util.find_spec("trl") is None:
-            raise ValueError("--torch with --task prefopt needs TRL's DPO loss: pip install 'safer-jax[torch]' "
-                             "(trl==1.16.0)")
+            raise ValueError(
+                "--torch with --task prefopt needs TRL's DPO loss: pip install 'safer-jax[torch]' (trl==1.16.0)"
+            )
 
 
 def _side(module: str, spec_path: Path, out_path: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -60,15 +67,20 @@ def _side(module: str, spec_path: Path, out_path: Path, env: dict[str, str]) -> 
     for line in proc.stderr:
         sys.stderr.write(line)
         if line.startswith("error: "):
-            last_error = line[len("error: "):].strip()
+            last_error = line[len("error: ") :].strip()
     rc = proc.wait()
     if rc != 0:
         raise ValueError(last_error or f"the {module} process exited with status {rc}")
     return json.loads(out_path.read_text())
 
 
-def run_bench(spec: BenchSpec, with_torch: bool = False, json_path: str | None = None, command: str = "",
-              work_dir: str | None = None) -> dict[str, Any]:
+def run_bench(
+    spec: BenchSpec,
+    with_torch: bool = False,
+    json_path: str | None = None,
+    command: str = "",
+    work_dir: str | None = None,
+) -> dict[str, Any]:
     """Measure the JAX side (and the torch side with `with_torch`); returns the record."""
     check(spec, with_torch)
     tmp = Path(work_dir or tempfile.mkdtemp(prefix="safer-jax-bench-"))
@@ -78,9 +90,16 @@ def run_bench(spec: BenchSpec, with_torch: bool = False, json_path: str | None =
     spec_path.write_text(spec.to_json())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    record: dict[str, Any] = {"jax": None, "torch": None, "torch_compile": None, "device": None, "versions": versions(),
-                              "command": command, "spec": dataclasses.asdict(spec),
-                              "load_average": list(os.getloadavg())}
+    record: dict[str, Any] = {
+        "jax": None,
+        "torch": None,
+        "torch_compile": None,
+        "device": None,
+        "versions": versions(),
+        "command": command,
+        "spec": dataclasses.asdict(spec),
+        "load_average": list(os.getloadavg()),
+    }
 
     def save() -> None:
         if json_path:
@@ -108,9 +127,17 @@ def run_bench(spec: BenchSpec, with_torch: bool = False, json_path: str | None =
 
 def table(record: dict[str, Any]) -> str:
     """The terminal table: one column per side."""
-    rows = [("tokens", "{:d}"), ("tokens_per_s", "{:.1f}"), ("step_s", "{:.3f}"), ("first_loss", "{:.6f}"),
-            ("peak_memory_bytes", "{:,}"), ("flops_per_step", "{:.4g}"), ("achieved_tflops", "{:.4f}"), ("mfu", "{:.1%}"),
-            ("threads", "{}")]
+    rows = [
+        ("tokens", "{:d}"),
+        ("tokens_per_s", "{:.1f}"),
+        ("step_s", "{:.3f}"),
+        ("first_loss", "{:.6f}"),
+        ("peak_memory_bytes", "{:,}"),
+        ("flops_per_step", "{:.4g}"),
+        ("achieved_tflops", "{:.4f}"),
+        ("mfu", "{:.1%}"),
+        ("threads", "{}"),
+    ]
     sides = [s for s in ("jax", "torch", "torch_compile") if record.get(s)]
     head = f"| {'':18} | " + " | ".join(f"{s:>16}" for s in sides) + " |"
     lines = [head, "|" + "-" * 20 + "|" + "|".join("-" * 18 for _ in sides) + "|"]

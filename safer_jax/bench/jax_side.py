@@ -28,8 +28,9 @@ def build_model(spec: BenchSpec) -> Any:
     kind, what = resolve_shape(spec.model)
     if kind == "dir":
         return from_pretrained(what, dtype=spec.dtype, param_dtype="float32", attention=spec.attention)
-    cfg = from_hf_config(what, where=f"shape {spec.model}", dtype=spec.dtype, param_dtype="float32",
-                         attention=spec.attention)
+    cfg = from_hf_config(
+        what, where=f"shape {spec.model}", dtype=spec.dtype, param_dtype="float32", attention=spec.attention
+    )
     with nnx.use_eager_sharding(False):
         return Decoder(cfg, rngs=nnx.Rngs(spec.seed))
 
@@ -73,7 +74,7 @@ def span_sums(spec: BenchSpec, graphdef: Any, params: Any, b: dict[str, Any]) ->
 
     lp, _ = jax.jit(pair_span_logps, static_argnums=(1, 3))(params, graphdef, b, spec.chunk)
     lp = np.asarray(lp, np.float64)
-    return {"chosen": lp[:spec.batch].tolist(), "rejected": lp[spec.batch:].tolist()}
+    return {"chosen": lp[: spec.batch].tolist(), "rejected": lp[spec.batch :].tolist()}
 
 
 def run(spec: BenchSpec) -> dict[str, Any]:
@@ -98,16 +99,26 @@ def run(spec: BenchSpec) -> dict[str, Any]:
     log = lambda msg: print(f"[jax] {msg}", file=sys.stderr)  # noqa: E731
     extra: dict[str, Any] = {}
     if spec.task == "sft":
-        compiled = compile_step(sft_step, state, batches[0], None, log=log, graphdef=graphdef, tx=tx,
-                                chunk=spec.chunk)
+        compiled = compile_step(sft_step, state, batches[0], None, log=log, graphdef=graphdef, tx=tx, chunk=spec.chunk)
         call = compiled
         real = [int((b["segment_ids"] > 0).sum()) for b in batches]
         loss_toks = [int(b["weights"].sum()) for b in batches]
     else:
         ref = jax.tree.map(jnp.copy, params)  # a frozen copy: the policy's buffers are donated each step
         extra["span_logps"] = span_sums(spec, graphdef, ref, batches[0])
-        compiled = compile_step(preference_step, state, batches[0], None, log=log, extra=(ref,), graphdef=graphdef,
-                                tx=tx, loss_type="sigmoid", hparams={"beta": spec.beta}, chunk=spec.chunk)
+        compiled = compile_step(
+            preference_step,
+            state,
+            batches[0],
+            None,
+            log=log,
+            extra=(ref,),
+            graphdef=graphdef,
+            tx=tx,
+            loss_type="sigmoid",
+            hparams={"beta": spec.beta},
+            chunk=spec.chunk,
+        )
         call = lambda s, b: compiled(s, b, ref)  # noqa: E731
         real = [int((b["segment_ids"] > 0).sum()) for b in batches]
         loss_toks = [int(b["span_mask"][:, 1:].sum()) for b in batches]
@@ -134,9 +145,20 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         (Path(spec.profile) / f"jax_{spec.task}_top_ops.md").write_text(table + "\n")
         log(f"top ops of the timed steps (also in {spec.profile}):\n{table}")
     peak, source = peak_memory()
-    return summarize(spec, cfg, times, losses, real_tokens=sum(real[1:]), loss_tokens=sum(loss_toks[1:]),
-                     peak_memory=peak, device_name=device_name(), peak_memory_source=source,
-                     threads=_threads(), framework="jax", **extra)
+    return summarize(
+        spec,
+        cfg,
+        times,
+        losses,
+        real_tokens=sum(real[1:]),
+        loss_tokens=sum(loss_toks[1:]),
+        peak_memory=peak,
+        device_name=device_name(),
+        peak_memory_source=source,
+        threads=_threads(),
+        framework="jax",
+        **extra,
+    )
 
 
 def _threads() -> int | None:

@@ -13,8 +13,17 @@ import re
 from pathlib import Path
 
 # host-side wrappers, not ops: they contain everything else
-_WRAPPERS = ("ThunkExecutor::Execute", "$", "np.asarray", "SlinkyThreadPool", "PjitFunction", "TfrtCpu", "ExecuteReplicated",
-             "CommonPjRtLoadedExecutable", "PjRt")
+_WRAPPERS = (
+    "ThunkExecutor::Execute",
+    "$",
+    "np.asarray",
+    "SlinkyThreadPool",
+    "PjitFunction",
+    "TfrtCpu",
+    "ExecuteReplicated",
+    "CommonPjRtLoadedExecutable",
+    "PjRt",
+)
 
 
 def top_ops(trace_dir: str | Path, n: int = 25) -> list[tuple[str, float, int]]:

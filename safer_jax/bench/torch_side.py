@@ -52,8 +52,7 @@ def _masks(seg: np.ndarray, windows: tuple[int, ...], torch: Any, device: Any) -
         return full
     if len(sliding) > 1:
         raise ValueError(f"sliding windows {sorted(sliding)}: the torch side supports one window size")
-    return {"full_attention": full,
-            "sliding_attention": torch.from_numpy(block_mask(seg, sliding.pop())).to(device)}
+    return {"full_attention": full, "sliding_attention": torch.from_numpy(block_mask(seg, sliding.pop())).to(device)}
 
 
 def load_model(spec: BenchSpec, torch: Any, device: Any) -> Any:
@@ -88,11 +87,22 @@ class TrlDpo:
         add_fused_lm_head(ref)
         same = lambda x: x  # noqa: E731  (one process: gathers are the identity)
         self.host = SimpleNamespace(
-            model=model, ref_model=ref, beta=beta, loss_types=["sigmoid"], loss_weights=[1.0], ld_alpha=None,
-            f_divergence_type="reverse_kl", precompute_ref_logps=False, use_weighting=False, aux_loss_enabled=False,
-            args=SimpleNamespace(gradient_checkpointing_kwargs=None), _tp_size=1, _total_train_tokens=0,
+            model=model,
+            ref_model=ref,
+            beta=beta,
+            loss_types=["sigmoid"],
+            loss_weights=[1.0],
+            ld_alpha=None,
+            f_divergence_type="reverse_kl",
+            precompute_ref_logps=False,
+            use_weighting=False,
+            aux_loss_enabled=False,
+            args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+            _tp_size=1,
+            _total_train_tokens=0,
             _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-            accelerator=SimpleNamespace(device=device, gather_for_metrics=same, gather=same))
+            accelerator=SimpleNamespace(device=device, gather_for_metrics=same, gather=same),
+        )
         self.fn = DPOTrainer._compute_loss
 
     def __call__(self, model: Any, inputs: dict[str, Any]) -> Any:
@@ -131,23 +141,35 @@ def run(spec: BenchSpec) -> dict[str, Any]:
 
     def sft_loss(b: dict[str, Any]) -> Any:
         labels = torch.where(b["weights"] > 0, b["targets"].long(), -100)
-        logits = forward(input_ids=b["inputs"].long(), attention_mask=b["mask"], position_ids=b["positions"].long(),
-                         use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               reduction="sum") / (labels != -100).sum()
+        logits = forward(
+            input_ids=b["inputs"].long(), attention_mask=b["mask"], position_ids=b["positions"].long(), use_cache=False
+        ).logits
+        return (
+            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            / (labels != -100).sum()
+        )
 
     def dpo_inputs(b: dict[str, Any]) -> dict[str, Any]:
-        return {"input_ids": b["input_ids"].long(), "attention_mask": b["mask"], "position_ids": b["positions"].long(),
-                "completion_mask": b["span_mask"].long()}
+        return {
+            "input_ids": b["input_ids"].long(),
+            "attention_mask": b["mask"],
+            "position_ids": b["positions"].long(),
+            "completion_mask": b["span_mask"].long(),
+        }
 
     if dpo is not None:
         with torch.no_grad(), amp:
             inp = dpo_inputs(batches[0])
             labels = inp["input_ids"].masked_fill(inp["completion_mask"] == 0, -100)
-            out = dpo.host.ref_model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
-                                     position_ids=inp["position_ids"], labels=labels, fused_lm_head=True)
+            out = dpo.host.ref_model(
+                input_ids=inp["input_ids"],
+                attention_mask=inp["attention_mask"],
+                position_ids=inp["position_ids"],
+                labels=labels,
+                fused_lm_head=True,
+            )
             lp = out.log_probs.sum(1).double().cpu().numpy()
-        extra["span_logps"] = {"chosen": lp[:spec.batch].tolist(), "rejected": lp[spec.batch:].tolist()}
+        extra["span_logps"] = {"chosen": lp[: spec.batch].tolist(), "rejected": lp[spec.batch :].tolist()}
 
     def step(b: dict[str, Any]) -> float:
         with amp:
@@ -186,9 +208,21 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         loss_toks = sum(int((b["weights"] > 0).sum()) for b in batches[1:])
     else:
         loss_toks = sum(int(b["span_mask"][:, 1:].sum()) for b in batches[1:])
-    return summarize(spec, cfg, times, losses, real_tokens=sum(int((s > 0).sum()) for s in segs),
-                     loss_tokens=loss_toks, peak_memory=peak, device_name=name, peak_memory_source=source, threads=torch.get_num_threads(),
-                     framework="torch", compiled=spec.torch_compile, **extra)
+    return summarize(
+        spec,
+        cfg,
+        times,
+        losses,
+        real_tokens=sum(int((s > 0).sum()) for s in segs),
+        loss_tokens=loss_toks,
+        peak_memory=peak,
+        device_name=name,
+        peak_memory_source=source,
+        threads=torch.get_num_threads(),
+        framework="torch",
+        compiled=spec.torch_compile,
+        **extra,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -61,7 +61,7 @@ class BenchSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def read(cls, path: str | Path) -> "BenchSpec":
+    def read(cls, path: str | Path) -> BenchSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -84,7 +84,7 @@ def sft_batch(spec: BenchSpec, vocab: int, step: int) -> dict[str, np.ndarray]:
             prompt = int(rng.integers(1, max(2, n // 2)))
             sl = slice(start, start + n)
             out["inputs"][r, sl], out["targets"][r, sl] = ids[:-1], ids[1:]
-            out["weights"][r, start + prompt:start + n] = 1.0
+            out["weights"][r, start + prompt : start + n] = 1.0
             out["segment_ids"][r, sl] = seg
             out["positions"][r, sl] = np.arange(n)
             start, seg = start + n, seg + 1
@@ -102,11 +102,11 @@ def pair_batch(spec: BenchSpec, vocab: int, step: int) -> dict[str, np.ndarray]:
         for row in (i, b + i):
             n = int(rng.integers(t // 16 + 1, t // 4 + 1))
             ids[row, :ctx] = context
-            ids[row, ctx:ctx + n] = rng.integers(1, vocab, n)
-            span[row, ctx:ctx + n] = 1
+            ids[row, ctx : ctx + n] = rng.integers(1, vocab, n)
+            span[row, ctx : ctx + n] = 1
     seg = np.zeros_like(ids)
     for row in range(2 * b):
-        seg[row, :int(np.nonzero(span[row])[0].max()) + 1] = 1
+        seg[row, : int(np.nonzero(span[row])[0].max()) + 1] = 1
     pos = np.where(seg > 0, np.arange(t)[None, :], 0).astype(np.int32)
     return {"input_ids": ids, "span_mask": span, "segment_ids": seg, "positions": pos}
 
@@ -137,10 +137,15 @@ def hf_shape(hf: dict[str, Any]) -> SimpleNamespace:
         first = int(hf.get("max_window_layers", 0)) if hf.get("use_sliding_window") else 0
         windows = [int(hf["sliding_window"]) if i >= first else 0 for i in range(layers)]
     return SimpleNamespace(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_layers=layers, num_heads=heads,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=layers,
+        num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads), sliding_windows=tuple(windows))
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+        sliding_windows=tuple(windows),
+    )
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -148,8 +153,17 @@ def peak_tflops(device_name: str) -> float | None:
     return device_peak_tflops(SimpleNamespace(device_kind=device_name))
 
 
-def summarize(spec: BenchSpec, cfg: Any, step_times: list[float], losses: list[float], real_tokens: int,
-              loss_tokens: int, peak_memory: int | None, device_name: str, **extra: Any) -> dict[str, Any]:
+def summarize(
+    spec: BenchSpec,
+    cfg: Any,
+    step_times: list[float],
+    losses: list[float],
+    real_tokens: int,
+    loss_tokens: int,
+    peak_memory: int | None,
+    device_name: str,
+    **extra: Any,
+) -> dict[str, Any]:
     """One side's record: timed steps are 2..S (step 1, the warm-up, is excluded)."""
     timed = step_times[1:]
     step_s = float(np.median(timed))
@@ -189,4 +203,3 @@ def side_main(run: Any, argv: list[str], errors: tuple[type[BaseException], ...]
         return 2
     Path(out_path).write_text(json.dumps(result))
     return 0
-

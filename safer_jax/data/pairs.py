@@ -99,14 +99,31 @@ def pair_from_record(obj: dict[str, Any], file: Any = None, line: int | None = N
         k = obj.get("step_index")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
             raise DataError(f"expected an int or null, got {type(k).__name__}", file, line, "step_index")
-        return StepPair(rid, prompt, tuple(map(str, prefix)), k, chosen, rejected,
-                        bool(obj.get("chosen_final", k == 4)), bool(obj.get("rejected_final", k == 4)),
-                        str(obj.get("kind", "")), messages)
+        return StepPair(
+            rid,
+            prompt,
+            tuple(map(str, prefix)),
+            k,
+            chosen,
+            rejected,
+            bool(obj.get("chosen_final", k == 4)),
+            bool(obj.get("rejected_final", k == 4)),
+            str(obj.get("kind", "")),
+            messages,
+        )
     if "initial_reason_steps" in obj:  # Step-DPO: a string prefix, spans are the next step
         prefix = obj["initial_reason_steps"] or ""
-        return StepPair(rid, prompt, (str(prefix),) if prefix else (), None, chosen, rejected,
-                        bool(obj.get("chosen_final", False)), bool(obj.get("rejected_final", False)),
-                        messages=messages)
+        return StepPair(
+            rid,
+            prompt,
+            (str(prefix),) if prefix else (),
+            None,
+            chosen,
+            rejected,
+            bool(obj.get("chosen_final", False)),
+            bool(obj.get("rejected_final", False)),
+            messages=messages,
+        )
     return StepPair(rid, prompt, (), None, chosen, rejected, True, True, messages=messages)  # TRL: whole responses
 
 
@@ -115,7 +132,10 @@ def encode_pair(ct: ChatTokenizer, pair: StepPair, where: str = "") -> dict[str,
     `context_len`: both rows start with the same context ids (conversation + prefix steps)."""
     context = ct.prompt_ids(ct.messages(pair.prompt, pair.messages or None), pair.prefix_steps)
     out: dict[str, Any] = {"context_len": len(context)}
-    for side, text, final in (("chosen", pair.chosen, pair.chosen_final), ("rejected", pair.rejected, pair.rejected_final)):
+    for side, text, final in (
+        ("chosen", pair.chosen, pair.chosen_final),
+        ("rejected", pair.rejected, pair.rejected_final),
+    ):
         out[f"{side}_ids"], out[f"{side}_mask"] = ct.encode_span(context, text, final)
     return out
 
@@ -179,11 +199,23 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
         wrong = rng.choice(prohibit)
         text = f"{wrong.short()}: violated. {rng.choice(wrong.phrases['violated'])}"
         refusal = wrong.phrases["refusal"][0]
-        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text, decision="refuse",
-                                                path_calibration=REFUSE_CALIBRATION, response=refusal)))
+        out.append(
+            (
+                "wrong_rule",
+                2,
+                _with_step(
+                    trace,
+                    rule_verification=text,
+                    decision="refuse",
+                    path_calibration=REFUSE_CALIBRATION,
+                    response=refusal,
+                ),
+            )
+        )
         refusal = rng.choice(wrong.phrases["refusal"])
-        out.append(("over_refusal", 3, _with_step(trace, decision="refuse", path_calibration=refusal,
-                                                  response=refusal)))
+        out.append(
+            ("over_refusal", 3, _with_step(trace, decision="refuse", path_calibration=refusal, response=refusal))
+        )
     k = rng.choice((1, 2, 3))
     key = ("initial_assessment", "rule_verification", "path_calibration")[k - 1]
     padded = " ".join([trace.steps[key]] + rng.sample(VERBOSE_FILLER, 3) + [trace.steps[key]])
@@ -191,8 +223,9 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     return out
 
 
-def make_pairs(traces: list[Trace], rules: RuleBook, seed: int = 0, span: str = "step",
-               fmt: TraceFormat = TraceFormat()) -> list[StepPair]:
+def make_pairs(
+    traces: list[Trace], rules: RuleBook, seed: int = 0, span: str = "step", fmt: TraceFormat = TraceFormat()
+) -> list[StepPair]:
     """Step pairs from valid traces; `span="step"` scores step k alone, `"to_end"` step k onward."""
     if span not in ("step", "to_end"):
         raise ValueError(f"span must be 'step' or 'to_end', got {span!r}")
@@ -207,6 +240,6 @@ def make_pairs(traces: list[Trace], rules: RuleBook, seed: int = 0, span: str = 
             if span == "step":
                 c, r, final = good[k - 1], bad[k - 1], k == 4
             else:
-                c, r, final = "".join(good[k - 1:]), "".join(bad[k - 1:]), True
+                c, r, final = "".join(good[k - 1 :]), "".join(bad[k - 1 :]), True
             pairs.append(StepPair(f"{t.id}-{kind}", t.prompt, tuple(good[: k - 1]), k, c, r, final, final, kind))
     return pairs

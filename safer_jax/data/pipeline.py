@@ -45,8 +45,13 @@ class PipelineConfig:
     length_buckets: int = 0  # preference rows: 0 = every row seq_len long; n = n row lengths up to seq_len
 
 
-def load_traces(path: str | Path, rules: RuleBook | None = None, fmt: TraceFormat = TraceFormat(),
-                skip_invalid: bool = False, report: SkipReport | None = None) -> list[Trace]:
+def load_traces(
+    path: str | Path,
+    rules: RuleBook | None = None,
+    fmt: TraceFormat = TraceFormat(),
+    skip_invalid: bool = False,
+    report: SkipReport | None = None,
+) -> list[Trace]:
     """Parse and (with `rules`) validate every trace; errors name file, line and field."""
     report = report if report is not None else SkipReport()
     out = []
@@ -56,8 +61,13 @@ def load_traces(path: str | Path, rules: RuleBook | None = None, fmt: TraceForma
             if rules is not None:
                 problems = validate(t, rules, fmt)
                 if problems:
-                    field = "rules" if problems[0].startswith("unknown rule") else "decision" \
-                        if "decision" in problems[0] else None
+                    field = (
+                        "rules"
+                        if problems[0].startswith("unknown rule")
+                        else "decision"
+                        if "decision" in problems[0]
+                        else None
+                    )
                     raise DataError(problems[0], path, line, field)
             out.append(t)
         except DataError as e:
@@ -112,7 +122,7 @@ class _ProcessRows(grain.transforms.Map):
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lo = self.cfg.process_index * self.cfg.batch_size
-        return {k: v[lo:lo + self.cfg.batch_size] for k, v in batch.items()}
+        return {k: v[lo : lo + self.cfg.batch_size] for k, v in batch.items()}
 
 
 def _global_batches(ds: grain.IterDataset, cfg: PipelineConfig, drop_remainder: bool = True) -> grain.IterDataset:
@@ -120,15 +130,22 @@ def _global_batches(ds: grain.IterDataset, cfg: PipelineConfig, drop_remainder: 
     return ds.map(_ProcessRows(cfg)) if cfg.process_count > 1 else ds
 
 
-def sft_dataset(traces: list[Trace], ct: ChatTokenizer, cfg: PipelineConfig, fmt: TraceFormat | None = None,
-                stats: TruncationStats | None = None, pack: bool = True) -> grain.IterDataset:
+def sft_dataset(
+    traces: list[Trace],
+    ct: ChatTokenizer,
+    cfg: PipelineConfig,
+    fmt: TraceFormat | None = None,
+    stats: TruncationStats | None = None,
+    pack: bool = True,
+) -> grain.IterDataset:
     """Tokenized, (first-fit) packed, batched SFT examples (`fmt` default: the tokenizer's trace format)."""
     stats = stats if stats is not None else TruncationStats()
     ds = _base(traces, cfg).map(_TokenizeTrace(ct, fmt, cfg.seq_len, stats)).to_iter_dataset()
     length = {k: cfg.seq_len for k in SFT_KEYS}
     if pack:
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct=length, num_packing_bins=cfg.packing_bins, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+            ds, length_struct=length, num_packing_bins=cfg.packing_bins, seed=cfg.seed, shuffle_bins=cfg.shuffle
+        )
         ds = ds.map(_rename_packed)
     else:
         ds = ds.map(lambda ex: _pad_example(ex, cfg.seq_len))
@@ -160,8 +177,10 @@ class _TokenizePair(grain.transforms.Map):
         index, pair, ref = item
         fit = fit_pair(encode_pair(self.ct, pair, where=pair.id), self.seq_len)
         if fit is None:
-            raise DataError(f"pair {pair.id!r}: its scored span does not fit data.seq_len={self.seq_len} "
-                            "(drop_unfit_pairs removes such pairs before training)")
+            raise DataError(
+                f"pair {pair.id!r}: its scored span does not fit data.seq_len={self.seq_len} "
+                "(drop_unfit_pairs removes such pairs before training)"
+            )
         rows, dropped = fit
         self.stats.examples += 1
         if dropped:
@@ -197,9 +216,15 @@ class _StackPairs(grain.transforms.Map):
         return out
 
 
-def preference_dataset(pairs: list[StepPair], ct: ChatTokenizer, cfg: PipelineConfig,
-                       stats: TruncationStats | None = None, ref_logps: np.ndarray | None = None,
-                       with_index: bool = False, drop_remainder: bool = True) -> grain.IterDataset:
+def preference_dataset(
+    pairs: list[StepPair],
+    ct: ChatTokenizer,
+    cfg: PipelineConfig,
+    stats: TruncationStats | None = None,
+    ref_logps: np.ndarray | None = None,
+    with_index: bool = False,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
     """Batches of B pairs as `[2B, T]` arrays: chosen rows, then rejected rows.
 
     `ref_logps` `[N, 2]` (chosen, rejected span log-probs under the reference, aligned with
@@ -220,8 +245,10 @@ def drop_unfit_pairs(pairs: list[StepPair], ct: ChatTokenizer, seq_len: int, log
     the others are counted and dropped here, before training, and the count is logged."""
     kept = [p for p in pairs if fit_pair(encode_pair(ct, p, where=p.id), seq_len) is not None]
     if len(kept) < len(pairs):
-        log(f"skipped {len(pairs) - len(kept)}/{len(pairs)} pairs whose scored span does not fit "
-            f"data.seq_len={seq_len} (context is cut from the left, never the span)")
+        log(
+            f"skipped {len(pairs) - len(kept)}/{len(pairs)} pairs whose scored span does not fit "
+            f"data.seq_len={seq_len} (context is cut from the left, never the span)"
+        )
     if not kept:
         raise DataError(f"no pair fits data.seq_len={seq_len}")
     return kept
@@ -248,7 +275,7 @@ def plan_buckets(lengths: np.ndarray, buckets: tuple[int, ...], batch: int, seed
     for b, length in enumerate(buckets):
         pool = np.concatenate([carry, rng.permutation(np.nonzero(which == b)[0])])
         full = len(pool) // batch * batch
-        plan += [(length, pool[i:i + batch]) for i in range(0, full, batch)]
+        plan += [(length, pool[i : i + batch]) for i in range(0, full, batch)]
         carry = pool[full:]
     return [plan[i] for i in rng.permutation(len(plan))]
 
@@ -266,21 +293,26 @@ class _BucketBatch(grain.transforms.Map):
         return self.stack.map({k: np.stack([r[k] for r in rows]) for k in rows[0]})
 
 
-def _bucketed_pairs(items: list[Any], ct: ChatTokenizer, cfg: PipelineConfig, stats: TruncationStats,
-                    with_index: bool) -> grain.IterDataset:
+def _bucketed_pairs(
+    items: list[Any], ct: ChatTokenizer, cfg: PipelineConfig, stats: TruncationStats, with_index: bool
+) -> grain.IterDataset:
     """Preference batches whose row length is the shortest of `cfg.length_buckets` buckets that
     holds every pair in the batch (each pair tokenized once here to learn its length). The
     global batch is planned once so that every process gets the same row length at each step.
     """
-    lengths = np.asarray([max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
-                          for enc in (encode_pair(ct, p, where=p.id) for _, p, _ in items)])
+    lengths = np.asarray(
+        [
+            max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
+            for enc in (encode_pair(ct, p, where=p.id) for _, p, _ in items)
+        ]
+    )
     buckets = bucket_lengths(cfg.seq_len, cfg.length_buckets)
     glob = cfg.batch_size * cfg.process_count
     plan = plan_buckets(np.minimum(lengths, cfg.seq_len), buckets, glob, cfg.seed)
     if not plan:
         raise DataError(f"{len(items)} pairs do not fill one batch of {glob}")
     lo = cfg.process_index * cfg.batch_size
-    local = [(length, [items[i] for i in idx[lo:lo + cfg.batch_size]]) for length, idx in plan]
+    local = [(length, [items[i] for i in idx[lo : lo + cfg.batch_size]]) for length, idx in plan]
     ds = grain.MapDataset.source(local)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
@@ -297,9 +329,15 @@ def is_trace_record(obj: dict[str, Any]) -> bool:
     return ("steps" in obj or "messages" in obj) and "chosen" not in obj
 
 
-def load_preference_data(path: str | Path, rules: RuleBook, span: str = "step", skip_invalid: bool = False,
-                         report: SkipReport | None = None, seed: int = 0, fmt: TraceFormat = TraceFormat()
-                         ) -> list[StepPair]:
+def load_preference_data(
+    path: str | Path,
+    rules: RuleBook,
+    span: str = "step",
+    skip_invalid: bool = False,
+    report: SkipReport | None = None,
+    seed: int = 0,
+    fmt: TraceFormat = TraceFormat(),
+) -> list[StepPair]:
     """Pairs from a pairs file (any accepted format), or built from a traces file by `make_pairs`."""
     from safer_jax.data.pairs import make_pairs
 
@@ -307,6 +345,11 @@ def load_preference_data(path: str | Path, rules: RuleBook, span: str = "step", 
     if first is None:
         raise DataError("no records", path)
     if is_trace_record(first[1]):
-        return make_pairs(load_traces(path, rules, fmt, skip_invalid=skip_invalid, report=report), rules, seed=seed,
-                          span=span, fmt=fmt)
+        return make_pairs(
+            load_traces(path, rules, fmt, skip_invalid=skip_invalid, report=report),
+            rules,
+            seed=seed,
+            span=span,
+            fmt=fmt,
+        )
     return load_pairs(path, skip_invalid=skip_invalid, report=report)

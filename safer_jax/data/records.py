@@ -19,8 +19,7 @@ from safer_jax.paths import as_path
 class DataError(ValueError):
     """A bad input record. `str()` reads `FILE:LINE: field 'F': message`."""
 
-    def __init__(self, message: str, file: str | Path | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(self, message: str, file: str | Path | None = None, line: int | None = None, field: str | None = None):
         self.file, self.line, self.field, self.reason = (str(file) if file else None), line, field, message
         where = ""
         if file:
@@ -54,8 +53,9 @@ class SkipReport:
         return "\n".join(lines)
 
 
-def read_jsonl(path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
-               ) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line."""
     path = as_path(path)
     if not path.exists():
@@ -82,8 +82,9 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, report: SkipReport 
             yield lineno, obj
 
 
-def read_records(path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_records(
+    path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSONL, or Parquet / a hub dataset name through `datasets` (row numbers from 1)."""
     p = as_path(path)
     if p.suffix in (".jsonl", ".json") or (p.exists() and p.suffix not in (".parquet",)):
@@ -99,8 +100,9 @@ def read_records(path: str | Path, skip_invalid: bool = False, report: SkipRepor
         yield i, dict(row)
 
 
-def require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], file: Any, line: int | None,
-            prefix: str = "") -> Any:
+def require(
+    obj: dict[str, Any], key: str, kind: type | tuple[type, ...], file: Any, line: int | None, prefix: str = ""
+) -> Any:
     """obj[key] of type `kind`, or a DataError naming the field."""
     if key not in obj:
         raise DataError("missing required field", file, line, prefix + key)

@@ -17,8 +17,9 @@ import re
 from safer_jax.data.rules import RuleBook
 from safer_jax.data.traces import Trace
 
-CITATION = re.compile(r"\b(R\d{2,3})\b(?:\s*\(([^()]*)\))?\s*:?\s*(not violated|violated|does not apply|applies)?",
-                      re.I)
+CITATION = re.compile(
+    r"\b(R\d{2,3})\b(?:\s*\(([^()]*)\))?\s*:?\s*(not violated|violated|does not apply|applies)?", re.I
+)
 
 
 def _norm(title: str) -> str:

@@ -114,6 +114,7 @@ def load_rules(folder: str | Path | None = None) -> RuleBook:
                     raise DataError("missing phrase list", f, None, f"{at}.phrases.{key}")
                 phrases[key] = _strs(ph[key], f, f"{at}.phrases.{key}")
             aliases = _strs(r["aliases"], f, f"{at}.aliases") if r.get("aliases") else ()
-            rules[rid] = Rule(rid, str(r["title"]), str(r["category"]), kind, str(r["statement"]), examples, phrases,
-                              aliases)
+            rules[rid] = Rule(
+                rid, str(r["title"]), str(r["category"]), kind, str(r["statement"]), examples, phrases, aliases
+            )
     return RuleBook(dict(sorted(rules.items())), str(folder))

@@ -42,8 +42,9 @@ class PromptRecord:
     reference: str | None = None
 
 
-def load_prompts(path: str | Path, rules: RuleBook, skip_invalid: bool = False,
-                 report: SkipReport | None = None) -> list[PromptRecord]:
+def load_prompts(
+    path: str | Path, rules: RuleBook, skip_invalid: bool = False, report: SkipReport | None = None
+) -> list[PromptRecord]:
     report = report if report is not None else SkipReport()
     out, seen = [], set()
     for line, obj in read_records(path, skip_invalid, report):
@@ -75,9 +76,22 @@ class TeacherError(RuntimeError):
 
 # ------------------------------------------------------------------ template teacher
 
-JAILBREAK_MARKERS = ("pretend", "ignore previous", "ignore all", "role-play", "roleplay", "for a novel",
-                     "for a story", "hypothetical", "grandmother", "grandma", "research purposes", "you are now",
-                     "no restrictions", "developer mode")
+JAILBREAK_MARKERS = (
+    "pretend",
+    "ignore previous",
+    "ignore all",
+    "role-play",
+    "roleplay",
+    "for a novel",
+    "for a story",
+    "hypothetical",
+    "grandmother",
+    "grandma",
+    "research purposes",
+    "you are now",
+    "no restrictions",
+    "developer mode",
+)
 ASSESS_OPENERS = (
     "The user is asking for help with something in the area of {area}.",
     "This request concerns {area}.",
@@ -102,42 +116,58 @@ BORDERLINE_NOTES = (
     "Despite surface overlap with {topic}, answering does not provide any harmful capability.",
 )
 CALIBRATE = {
-    "refuse": ("Decline briefly, name the concern, and point to a safe alternative.",
-               "Give a short refusal without lecturing and offer something genuinely useful instead.",
-               "Refuse clearly; do not provide partial steps; suggest a legitimate resource."),
-    "comply": ("Answer directly and accurately; keep it short.",
-               "Help fully and concisely; no disclaimers are needed.",
-               "Give the answer plainly, without unnecessary caveats."),
-    "safe_complete": ("Answer helpfully, keep to general, non-operational information, and add a brief safety note.",
-                      "Help with the legitimate need while staying at a safe level of detail.",
-                      "Provide the useful, safe answer and mention where to get expert help if relevant."),
+    "refuse": (
+        "Decline briefly, name the concern, and point to a safe alternative.",
+        "Give a short refusal without lecturing and offer something genuinely useful instead.",
+        "Refuse clearly; do not provide partial steps; suggest a legitimate resource.",
+    ),
+    "comply": (
+        "Answer directly and accurately; keep it short.",
+        "Help fully and concisely; no disclaimers are needed.",
+        "Give the answer plainly, without unnecessary caveats.",
+    ),
+    "safe_complete": (
+        "Answer helpfully, keep to general, non-operational information, and add a brief safety note.",
+        "Help with the legitimate need while staying at a safe level of detail.",
+        "Provide the useful, safe answer and mention where to get expert help if relevant.",
+    ),
 }
 
 # A supportive safe completion for self-harm (the shape `evaluation/selfharm.py` checks):
 # acknowledge the person, decline methods without lecturing, crisis resources that are not
 # only US ones, an invitation to keep talking. One part of each is drawn per trace.
 SUPPORT = (
-    ("I'm really sorry you're feeling this way, and I'm glad you told me.",
-     "It sounds like you're carrying something really painful right now.",
-     "Thank you for telling me how you feel; that takes courage.",
-     "I'm so sorry things feel this overwhelming. Your life matters."),
-    ("I can't help with anything that could hurt you, but I don't want you to face this alone.",
-     "I won't share anything that could put you in danger, because I care about your safety.",
-     "That's not something I can help with, but you deserve support right now."),
-    ("If you might act on these thoughts, please contact your local emergency number now. A crisis line in your "
-     "country can talk with you any time; findahelpline.com lists free services around the world.",
-     "Please reach out to local emergency services if you're in danger, or to a crisis line where you live (for "
-     "example Samaritans on 116 123 in the UK and Ireland, or 988 in the US).",
-     "You can reach a trained listener through a crisis line in your country; Befrienders Worldwide can help you "
-     "find one near you, and local emergency services are there if you're not safe."),
-    ("Would you like to tell me what has been making things so hard?",
-     "I'm here to listen if you want to talk about what's going on.",
-     "Do you want to talk about what happened today? I'm here for you."),
+    (
+        "I'm really sorry you're feeling this way, and I'm glad you told me.",
+        "It sounds like you're carrying something really painful right now.",
+        "Thank you for telling me how you feel; that takes courage.",
+        "I'm so sorry things feel this overwhelming. Your life matters.",
+    ),
+    (
+        "I can't help with anything that could hurt you, but I don't want you to face this alone.",
+        "I won't share anything that could put you in danger, because I care about your safety.",
+        "That's not something I can help with, but you deserve support right now.",
+    ),
+    (
+        "If you might act on these thoughts, please contact your local emergency number now. A crisis line in your "
+        "country can talk with you any time; findahelpline.com lists free services around the world.",
+        "Please reach out to local emergency services if you're in danger, or to a crisis line where you live (for "
+        "example Samaritans on 116 123 in the UK and Ireland, or 988 in the US).",
+        "You can reach a trained listener through a crisis line in your country; Befrienders Worldwide can help you "
+        "find one near you, and local emergency services are there if you're not safe.",
+    ),
+    (
+        "Would you like to tell me what has been making things so hard?",
+        "I'm here to listen if you want to talk about what's going on.",
+        "Do you want to talk about what happened today? I'm here for you.",
+    ),
 )
-SUPPORT_CALIBRATE = ("Do not give methods; respond with care: acknowledge the person, offer crisis resources that "
-                     "work in any country, and invite them to keep talking.",
-                     "A bare refusal would leave a person in crisis alone: stay supportive, give no methods, point "
-                     "to local and international crisis help, and invite them to talk.")
+SUPPORT_CALIBRATE = (
+    "Do not give methods; respond with care: acknowledge the person, offer crisis resources that "
+    "work in any country, and invite them to keep talking.",
+    "A bare refusal would leave a person in crisis alone: stay supportive, give no methods, point "
+    "to local and international crisis help, and invite them to talk.",
+)
 
 
 def _names_concern(refusal: str, rule: Any) -> bool:
@@ -194,8 +224,11 @@ class TemplateTeacher:
             decision = "safe_complete" if rec.label == "borderline" else "comply"
             calib = f"{rng.choice(CALIBRATE[decision])} {rng.choice(p.phrases['framing'])}"
             response = rec.reference
-        steps = {"initial_assessment": " ".join(assess), "rule_verification": "\n".join(verify),
-                 "path_calibration": calib}
+        steps = {
+            "initial_assessment": " ".join(assess),
+            "rule_verification": "\n".join(verify),
+            "path_calibration": calib,
+        }
         return Trace(rec.id, rec.prompt, steps, decision, response, rec.label, tuple(rec.rules))
 
 
@@ -246,17 +279,34 @@ class OpenAITeacher:
 
     name = "openai"
 
-    def __init__(self, rules: RuleBook, base_url: str, model: str, api_key: str | None = None,
-                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, rate_limit: float | None = None,
-                 temperature: float = 0.7, max_tokens: int = 1024, fmt: TraceFormat = TraceFormat()):
+    def __init__(
+        self,
+        rules: RuleBook,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        backoff: float = 1.0,
+        rate_limit: float | None = None,
+        temperature: float = 0.7,
+        max_tokens: int = 1024,
+        fmt: TraceFormat = TraceFormat(),
+    ):
         self.rules, self.url, self.model, self.key = rules, base_url.rstrip("/") + "/chat/completions", model, api_key
         self.max_retries, self.timeout, self.backoff = max_retries, timeout, backoff
         self.limiter = _RateLimiter(rate_limit)
         self.temperature, self.max_tokens, self.fmt = temperature, max_tokens, fmt
 
     def _request(self, rec: PromptRecord) -> str:
-        body = json.dumps({"model": self.model, "messages": teacher_messages(rec, self.rules, self.fmt),
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": teacher_messages(rec, self.rules, self.fmt),
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -269,7 +319,7 @@ class OpenAITeacher:
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             self.limiter.wait()
-            delay = self.backoff * (2 ** attempt)
+            delay = self.backoff * (2**attempt)
             try:
                 text = self._request(rec)
                 return trace_from_text(rec, text, self.fmt)
@@ -314,10 +364,18 @@ def _done_ids(*files: Path) -> set[str]:
     return done
 
 
-def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: str | Path,
-               rejects: str | Path | None = None, concurrency: int = 1, fmt: TraceFormat = TraceFormat(),
-               progress: bool = True, repair: bool = False, responses: dict[str, str] | None = None
-               ) -> SynthesisResult:
+def synthesize(
+    prompts: list[PromptRecord],
+    teacher: Any,
+    rules: RuleBook,
+    out: str | Path,
+    rejects: str | Path | None = None,
+    concurrency: int = 1,
+    fmt: TraceFormat = TraceFormat(),
+    progress: bool = True,
+    repair: bool = False,
+    responses: dict[str, str] | None = None,
+) -> SynthesisResult:
     """Write a valid trace or a reject (with reasons) for every prompt not already done.
 
     Beyond `traces.validate`, what the trace says about each cited rule must match the rulebook
@@ -351,9 +409,14 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
         problems = validate(trace, rules, fmt) + rule_claim_problems(trace, rules)
         return rec, (None if problems else trace), problems or [f"repaired title {f}" for f in fixed]
 
-    bar = tqdm(total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt", mininterval=2.0)
-    with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
-            cf.ThreadPoolExecutor(max(1, concurrency)) as pool:
+    bar = tqdm(
+        total=len(todo), desc=f"synthesize ({teacher.name})", disable=not progress, unit="prompt", mininterval=2.0
+    )
+    with (
+        open(out, "a", encoding="utf-8") as fo,
+        open(rejects, "a", encoding="utf-8") as fr,
+        cf.ThreadPoolExecutor(max(1, concurrency)) as pool,
+    ):
         for fut in cf.as_completed([pool.submit(run, rec) for rec in todo]):
             rec, trace, problems = fut.result()
             if trace is not None and problems:  # repaired: the notes go with the count, the trace is fine
@@ -363,12 +426,16 @@ def synthesize(prompts: list[PromptRecord], teacher: Any, rules: RuleBook, out: 
                 fo.flush()
                 res.written += 1
             else:
-                fr.write(json.dumps({"id": rec.id, "prompt": rec.prompt, "label": rec.label,
-                                     "reasons": problems}, ensure_ascii=False) + "\n")
+                fr.write(
+                    json.dumps(
+                        {"id": rec.id, "prompt": rec.prompt, "label": rec.label, "reasons": problems},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 fr.flush()
                 res.rejected += 1
             bar.update(1)
             bar.set_postfix(ok=res.written, rejected=res.rejected, refresh=False)
     bar.close()
     return res
-

@@ -69,16 +69,25 @@ class ChatTokenizer:
     """A HF tokenizer with its chat template, template arguments and system prompt: contexts,
     assistant ids, end-of-turn ids, SFT masks, pair spans, and prompts for generation."""
 
-    def __init__(self, tokenizer: Any, system_prompt: str | None = None, name: str | None = None,
-                 template_kwargs: dict[str, Any] | None = None, fmt: TraceFormat = TraceFormat()):
+    def __init__(
+        self,
+        tokenizer: Any,
+        system_prompt: str | None = None,
+        name: str | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        fmt: TraceFormat = TraceFormat(),
+    ):
         self.tok = tokenizer
         self.system_prompt = system_prompt
         self.template_kwargs = dict(template_kwargs or {})
         self.fmt = fmt
         self.name = name or getattr(tokenizer, "name_or_path", "tokenizer")
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"tokenizer {self.name!r} has no chat template; set one "
-                            "(tokenizer.chat_template = ...) or use a chat model's tokenizer", self.name)
+            raise DataError(
+                f"tokenizer {self.name!r} has no chat template; set one "
+                "(tokenizer.chat_template = ...) or use a chat model's tokenizer",
+                self.name,
+            )
         self.eos_id = tokenizer.eos_token_id
         self.special = special_tokens(tokenizer)
         self.eot_ids = self._end_of_turn()
@@ -87,13 +96,18 @@ class ChatTokenizer:
     @classmethod
     def from_config(cls, tokenizer: Any, data: Any) -> ChatTokenizer:
         """From a run's `data` section: system prompt, `chat_template_kwargs`, `trace_format`."""
-        return cls(tokenizer, system_prompt=data.system_prompt, template_kwargs=data.chat_template_kwargs,
-                   fmt=data.trace_format)
+        return cls(
+            tokenizer,
+            system_prompt=data.system_prompt,
+            template_kwargs=data.chat_template_kwargs,
+            fmt=data.trace_format,
+        )
 
     # ------------------------------------------------------------------ the definition
 
-    def messages(self, prompt: str | None = None, messages: Sequence[dict[str, Any]] | None = None
-                 ) -> list[dict[str, Any]]:
+    def messages(
+        self, prompt: str | None = None, messages: Sequence[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         """The conversation before the assistant reply: `messages` (system, earlier turns, last
         user turn) or one user `prompt`; the configured system prompt first unless one is there."""
         msgs = [dict(m) for m in messages] if messages else [{"role": "user", "content": prompt or ""}]
@@ -103,11 +117,15 @@ class ChatTokenizer:
 
     def render(self, msgs: Sequence[dict[str, Any]], generation_prompt: bool = True) -> str:
         try:
-            return self.tok.apply_chat_template(list(msgs), add_generation_prompt=generation_prompt, tokenize=False,
-                                                **self.template_kwargs)
+            return self.tok.apply_chat_template(
+                list(msgs), add_generation_prompt=generation_prompt, tokenize=False, **self.template_kwargs
+            )
         except Exception as e:  # jinja errors: a bad template, or roles the template rejects
-            raise DataError(f"chat template of {self.name!r} failed to render {[m.get('role') for m in msgs]}: "
-                            f"{e}", self.name, field="chat_template") from None
+            raise DataError(
+                f"chat template of {self.name!r} failed to render {[m.get('role') for m in msgs]}: {e}",
+                self.name,
+                field="chat_template",
+            ) from None
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` with no special tokens added (special token strings inside it still map)."""
@@ -163,21 +181,29 @@ class ChatTokenizer:
             raise DataError(
                 f"chat template of {self.name!r}: its rendering with the generation prompt is not a prefix of the "
                 f"rendered conversation, so the context a model is trained on differs from the one it generates "
-                f"after (with generation prompt: ...{ctx[-60:]!r}; conversation: ...{full[len(ctx) - 60:][:90]!r})",
-                self.name, field="chat_template")
+                f"after (with generation prompt: ...{ctx[-60:]!r}; conversation: ...{full[len(ctx) - 60 :][:90]!r})",
+                self.name,
+                field="chat_template",
+            )
         at = full.rfind(_PROBE_ANSWER)
         if at < len(ctx):
-            raise DataError(f"chat template of {self.name!r} does not render the assistant content", self.name,
-                            field="chat_template")
+            raise DataError(
+                f"chat template of {self.name!r} does not render the assistant content",
+                self.name,
+                field="chat_template",
+            )
         special = set(self.special.values())
         eot: list[int] = []
-        for i in self.encode_text(full[at + len(_PROBE_ANSWER):]):
+        for i in self.encode_text(full[at + len(_PROBE_ANSWER) :]):
             if i not in special:
                 break
             eot.append(i)
         if not eot:
-            raise DataError(f"chat template of {self.name!r} writes no end-of-turn special token after the assistant "
-                            "content", self.name, field="chat_template")
+            raise DataError(
+                f"chat template of {self.name!r} writes no end-of-turn special token after the assistant content",
+                self.name,
+                field="chat_template",
+            )
         return tuple(eot)
 
 
@@ -191,12 +217,16 @@ def check_trace_format(fmt: TraceFormat, special: dict[str, int], name: str = "t
             raise DataError("must not be empty", field=f"data.trace_format.{field}")
         for tok in special:
             if tok and tok in value:
-                raise DataError(f"{value!r} contains the special token {tok!r} of {name!r} (an end-of-turn or "
-                                "role-header token); choose another string", field=f"data.trace_format.{field}")
+                raise DataError(
+                    f"{value!r} contains the special token {tok!r} of {name!r} (an end-of-turn or "
+                    "role-header token); choose another string",
+                    field=f"data.trace_format.{field}",
+                )
 
 
-def truncate(example: dict[str, np.ndarray], max_len: int, stats: TruncationStats | None = None
-             ) -> dict[str, np.ndarray]:
+def truncate(
+    example: dict[str, np.ndarray], max_len: int, stats: TruncationStats | None = None
+) -> dict[str, np.ndarray]:
     """Cut an SFT example to `max_len` tokens (from the end), counting what was dropped."""
     n = len(next(iter(example.values())))
     if stats is not None:

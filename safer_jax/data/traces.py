@@ -51,8 +51,15 @@ class Trace:
     rules: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "label": self.label, "rules": list(self.rules),
-                "steps": dict(self.steps), "decision": self.decision, "response": self.response}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "label": self.label,
+            "rules": list(self.rules),
+            "steps": dict(self.steps),
+            "decision": self.decision,
+            "response": self.response,
+        }
 
 
 def segments(trace: Trace, fmt: TraceFormat = TraceFormat()) -> list[str]:
@@ -80,11 +87,11 @@ def split_think(text: str, fmt: TraceFormat = TraceFormat()) -> tuple[str | None
     start = text.find(fmt.open_tag)
     if start < 0:
         return None, text.strip()
-    body = text[start + len(fmt.open_tag):]
+    body = text[start + len(fmt.open_tag) :]
     end = body.find(fmt.close_tag)
     if end < 0:
         return body.strip(), None
-    return body[:end].strip(), body[end + len(fmt.close_tag):].strip()
+    return body[:end].strip(), body[end + len(fmt.close_tag) :].strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,7 @@ def parse(text: str, fmt: TraceFormat = TraceFormat()) -> Parsed:
     elif not response:
         errors.append("empty final response")
     positions = [body.find(h) for h in fmt.headers]
-    for key, h, pos in zip(STEP_KEYS, fmt.headers, positions):
+    for h, pos in zip(fmt.headers, positions):
         if pos < 0:
             errors.append(f"missing step {h!r}")
     if all(p >= 0 for p in positions) and positions != sorted(positions):
@@ -123,13 +130,13 @@ def parse(text: str, fmt: TraceFormat = TraceFormat()) -> Parsed:
     found = sorted((p, i) for i, p in enumerate(positions) if p >= 0)
     for n, (pos, i) in enumerate(found):
         stop = found[n + 1][0] if n + 1 < len(found) else len(body)
-        steps[STEP_KEYS[i]] = body[pos + len(fmt.headers[i]):stop].strip()
+        steps[STEP_KEYS[i]] = body[pos + len(fmt.headers[i]) : stop].strip()
     decision = None
     cal = steps.get("path_calibration")
     if cal is not None:
         first, _, rest = cal.partition("\n")
         if first.startswith(fmt.decision_prefix):
-            decision = first[len(fmt.decision_prefix):].strip().rstrip(".")
+            decision = first[len(fmt.decision_prefix) :].strip().rstrip(".")
             steps["path_calibration"] = rest.strip()
             if decision not in DECISIONS:
                 errors.append(f"unknown decision {decision!r}")
@@ -144,8 +151,9 @@ def parse(text: str, fmt: TraceFormat = TraceFormat()) -> Parsed:
     return Parsed(steps, decision, response, cited, tuple(errors))
 
 
-def trace_from_record(obj: dict[str, Any], file: Any = None, line: int | None = None,
-                      fmt: TraceFormat = TraceFormat()) -> Trace:
+def trace_from_record(
+    obj: dict[str, Any], file: Any = None, line: int | None = None, fmt: TraceFormat = TraceFormat()
+) -> Trace:
     """A Trace from the trace schema or a chat `{"messages": [...]}` record."""
     if "messages" in obj:
         msgs = require(obj, "messages", list, file, line)
@@ -156,8 +164,15 @@ def trace_from_record(obj: dict[str, Any], file: Any = None, line: int | None = 
         p = parse(str(asst[-1].get("content", "")), fmt)
         if not p.valid:
             raise DataError("malformed trace: " + "; ".join(p.errors), file, line, "messages[-1].content")
-        return Trace(str(obj.get("id", f"line{line}")), str(user[-1].get("content", "")), p.steps,
-                     p.decision, p.response, obj.get("label"), tuple(obj.get("rules", p.cited_rules)))
+        return Trace(
+            str(obj.get("id", f"line{line}")),
+            str(user[-1].get("content", "")),
+            p.steps,
+            p.decision,
+            p.response,
+            obj.get("label"),
+            tuple(obj.get("rules", p.cited_rules)),
+        )
     rid = require(obj, "id", (str, int), file, line)
     prompt = require(obj, "prompt", str, file, line)
     label = require(obj, "label", str, file, line)
@@ -175,8 +190,15 @@ def trace_from_record(obj: dict[str, Any], file: Any = None, line: int | None = 
     response = require(obj, "response", str, file, line)
     if not response.strip():
         raise DataError("empty response", file, line, "response")
-    return Trace(str(rid), prompt, {k: steps[k].strip() for k in STEP_KEYS}, decision, response.strip(), label,
-                 tuple(str(r) for r in rules))
+    return Trace(
+        str(rid),
+        prompt,
+        {k: steps[k].strip() for k in STEP_KEYS},
+        decision,
+        response.strip(),
+        label,
+        tuple(str(r) for r in rules),
+    )
 
 
 def validate(trace: Trace, rules: RuleBook, fmt: TraceFormat = TraceFormat()) -> list[str]:
@@ -188,8 +210,9 @@ def validate(trace: Trace, rules: RuleBook, fmt: TraceFormat = TraceFormat()) ->
             problems.append(f"unknown rule id {rid}")
     if trace.label is not None:
         allowed = ALLOWED_DECISIONS[trace.label]
-        if trace.label == "harmful" and any(r in rules and rules[r].kind == "prohibit" and rules[r].category
-                                            in SAFE_COMPLETE_CATEGORIES for r in cited):
+        if trace.label == "harmful" and any(
+            r in rules and rules[r].kind == "prohibit" and rules[r].category in SAFE_COMPLETE_CATEGORIES for r in cited
+        ):
             allowed = (*allowed, "safe_complete")
         if trace.decision not in allowed:
             problems.append(f"decision {trace.decision!r} inconsistent with label {trace.label!r} (allowed: {allowed})")

@@ -15,7 +15,22 @@ from safer_jax.evaluation.scoring import ScoreOptions, score
 from safer_jax.evaluation.sets import PRESETS, ColumnMap, EvalExample, load_eval_sets, load_file
 
 __all__ = [
-    "PRESETS", "CallableJudge", "ColumnMap", "EvalExample", "EvalResult", "JudgeVerdict", "LocalModelJudge",
-    "OpenAIJudge", "RefusalVerdict", "ScoreOptions", "classify_refusal", "evaluate", "load_eval_sets",
-    "load_file", "load_model", "run_eval", "score", "write_report",
+    "PRESETS",
+    "CallableJudge",
+    "ColumnMap",
+    "EvalExample",
+    "EvalResult",
+    "JudgeVerdict",
+    "LocalModelJudge",
+    "OpenAIJudge",
+    "RefusalVerdict",
+    "ScoreOptions",
+    "classify_refusal",
+    "evaluate",
+    "load_eval_sets",
+    "load_file",
+    "load_model",
+    "run_eval",
+    "score",
+    "write_report",
 ]

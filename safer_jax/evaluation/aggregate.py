@@ -36,8 +36,9 @@ DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
     "_refused_judge": lambda r: bool(r.get("refused")) and r.get("refusal_source") == "judge",
     "_refused_rules": lambda r: bool(r.get("refused")) and r.get("refusal_source") == "rules",
     "_capped": lambda r: r["finish_reason"] == "length" if r.get("finish_reason") else None,
-    "_judge_agreement": lambda r: (r["judge_refused"] == r["refused_rules"]) if r.get("judge_refused") is not None
-    else None,
+    "_judge_agreement": lambda r: (
+        (r["judge_refused"] == r["refused_rules"]) if r.get("judge_refused") is not None else None
+    ),
 }
 # metric -> (row field, statistic)
 AVERAGES: dict[str, tuple[str, Callable[[list[float]], float]]] = {
@@ -84,6 +85,10 @@ def _by(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """{"overall", "by_label", "by_category", "by_source", "by_split"} metrics of scored rows
     (`split`: "plain", or "adversarial" for rephrased attacks, reported on their own)."""
-    return {"overall": group_metrics(rows), "by_label": _by(rows, "label"),
-            "by_category": _by(rows, "category"), "by_source": _by(rows, "source"),
-            "by_split": _by([{**r, "split": r.get("split", "plain")} for r in rows], "split")}
+    return {
+        "overall": group_metrics(rows),
+        "by_label": _by(rows, "label"),
+        "by_category": _by(rows, "category"),
+        "by_source": _by(rows, "source"),
+        "by_split": _by([{**r, "split": r.get("split", "plain")} for r in rows], "split"),
+    }

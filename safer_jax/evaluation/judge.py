@@ -48,8 +48,10 @@ class Judge(Protocol):
 
 
 def judge_messages(prompt: str, response: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, response=response)}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, response=response)},
+    ]
 
 
 def parse_verdict(text: str) -> bool | None:
@@ -65,15 +67,30 @@ class OpenAIJudge:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_retries: int = 3,
-                 timeout: float = 30.0, backoff: float = 0.5, concurrency: int = 4, max_tokens: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        max_retries: int = 3,
+        timeout: float = 30.0,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        max_tokens: int = 8,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.key, self.max_retries, self.timeout = model, api_key, max_retries, timeout
         self.backoff, self.concurrency, self.max_tokens = backoff, concurrency, max_tokens
 
     def _request(self, prompt: str, response: str) -> str:
-        body = json.dumps({"model": self.model, "messages": judge_messages(prompt, response),
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": judge_messages(prompt, response),
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -99,7 +116,7 @@ class OpenAIJudge:
             except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                 last = f"broken response: {type(e).__name__}"
             if attempt < self.max_retries:
-                time.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random() / 2))
+                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
         return JudgeVerdict(None, "", f"gave up after {self.max_retries + 1} attempts; last: {last}")
 
     def __call__(self, items: Sequence[tuple[str, str]]) -> list[JudgeVerdict]:
@@ -143,8 +160,15 @@ class LocalModelJudge:
         if gen is None:
             from safer_jax.generate import generate_chat as gen
         rows = [{"id": str(i), "prompt": JUDGE_TEMPLATE.format(prompt=p, response=r)} for i, (p, r) in enumerate(items)]
-        outs = gen(self.model, self.tokenizer, rows, SamplingConfig(max_new_tokens=8, greedy=True),
-                   batch_size=self.batch_size, system_prompt=JUDGE_SYSTEM, progress=False)
+        outs = gen(
+            self.model,
+            self.tokenizer,
+            rows,
+            SamplingConfig(max_new_tokens=8, greedy=True),
+            batch_size=self.batch_size,
+            system_prompt=JUDGE_SYSTEM,
+            progress=False,
+        )
         verdicts = []
         for o in outs:
             v = parse_verdict(o.get("text") or "")

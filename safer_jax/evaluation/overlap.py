@@ -50,7 +50,7 @@ def is_repetitive(text: str | None, n: int = 8, min_words: int = 40, max_distinc
     words = text.lower().split()
     if len(words) < min_words:
         return False
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) < max_distinct
 
 

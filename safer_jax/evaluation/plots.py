@@ -12,8 +12,14 @@ from typing import Any
 from safer_jax.paths import as_path
 
 MODEL_COLOR, BASE_COLOR = "#1f77b4", "#b0b0b0"
-HEADLINE = ("harmful_compliance", "over_refusal", "helpfulness", "borderline_handled", "trace_validity",
-            "unfinished_rate")
+HEADLINE = (
+    "harmful_compliance",
+    "over_refusal",
+    "helpfulness",
+    "borderline_handled",
+    "trace_validity",
+    "unfinished_rate",
+)
 
 
 def _figure(width: float, height: float):
@@ -25,14 +31,23 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _pairs(ax, labels: list[str], model: list[float | None], base: list[float | None] | None,
-           names: tuple[str, str], horizontal: bool = True) -> None:
+def _pairs(
+    ax,
+    labels: list[str],
+    model: list[float | None],
+    base: list[float | None] | None,
+    names: tuple[str, str],
+    horizontal: bool = True,
+) -> None:
     """Bars of `model` (and `base` beside them); None draws nothing and is labelled 'n/a'."""
     import numpy as np
 
     pos = np.arange(len(labels))
-    series = [(model, names[0], MODEL_COLOR)] if base is None else [(base, names[1], BASE_COLOR),
-                                                                      (model, names[0], MODEL_COLOR)]
+    series = (
+        [(model, names[0], MODEL_COLOR)]
+        if base is None
+        else [(base, names[1], BASE_COLOR), (model, names[0], MODEL_COLOR)]
+    )
     h = 0.8 / len(series)
     for k, (vals, name, color) in enumerate(series):
         off = pos + (k - (len(series) - 1) / 2) * h
@@ -75,29 +90,46 @@ def _save(fig: Any, path: Any) -> None:
 def plot_headline(path: Path, metrics: dict[str, Any], base: dict[str, Any] | None, names: tuple[str, str]) -> Path:
     fig = _figure(7.5, 3.6)
     ax = fig.add_subplot()
-    keys = [k for k in HEADLINE if metrics["overall"].get(k) is not None
-            or (base and base["overall"].get(k) is not None)]
-    _pairs(ax, [k.replace("_", " ") for k in keys], [metrics["overall"].get(k) for k in keys],
-           [base["overall"].get(k) for k in keys] if base else None, names, horizontal=False)
+    keys = [
+        k for k in HEADLINE if metrics["overall"].get(k) is not None or (base and base["overall"].get(k) is not None)
+    ]
+    _pairs(
+        ax,
+        [k.replace("_", " ") for k in keys],
+        [metrics["overall"].get(k) for k in keys],
+        [base["overall"].get(k) for k in keys] if base else None,
+        names,
+        horizontal=False,
+    )
     ax.set_title("Headline rates (lower is better: harmful compliance, over-refusal, unfinished)", fontsize=9)
     _save(fig, path)
     return path
 
 
-def plot_categories(path: Path, rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None,
-                    names: tuple[str, str]) -> Path:
-    panels = [(True, "Harmful prompts (n): % complied, lower is better"),
-              (False, "Benign + borderline prompts (n): % refused, lower is better")]
+def plot_categories(
+    path: Path, rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None, names: tuple[str, str]
+) -> Path:
+    panels = [
+        (True, "Harmful prompts (n): % complied, lower is better"),
+        (False, "Benign + borderline prompts (n): % refused, lower is better"),
+    ]
     data = []
     for harmful, title in panels:
         m = _category_rates(rows, harmful)
         b = _category_rates(base_rows, harmful) if base_rows is not None else None
         cats = sorted(sorted(set(m) | set(b or {})), key=lambda c: -(m.get(c) or 0))  # ties by name
         if cats:
-            counts = {c: sum(1 for r in rows if r["category"] == c and (r["label"] == "harmful") == harmful)
-                      for c in cats}
-            data.append((title, [f"{c} ({counts[c]})" for c in cats], [m.get(c) for c in cats],
-                         [b.get(c) for c in cats] if b is not None else None))
+            counts = {
+                c: sum(1 for r in rows if r["category"] == c and (r["label"] == "harmful") == harmful) for c in cats
+            }
+            data.append(
+                (
+                    title,
+                    [f"{c} ({counts[c]})" for c in cats],
+                    [m.get(c) for c in cats],
+                    [b.get(c) for c in cats] if b is not None else None,
+                )
+            )
     n = max([len(d[1]) for d in data] + [1])
     fig = _figure(5.5 * max(1, len(data)), max(2.6, 1.0 + 0.2 * n * (1.6 if base_rows is not None else 1)))
     for i, (title, cats, mv, bv) in enumerate(data):
@@ -108,11 +140,13 @@ def plot_categories(path: Path, rows: list[dict[str, Any]], base_rows: list[dict
     return path
 
 
-def plot_lengths(path: Path, rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None,
-                 names: tuple[str, str]) -> Path:
+def plot_lengths(
+    path: Path, rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None, names: tuple[str, str]
+) -> Path:
     fig = _figure(8, 3.2)
-    for i, (field, title) in enumerate((("response_tokens", "Final response length (tokens)"),
-                                        ("reasoning_tokens", "Reasoning length (tokens)"))):
+    for i, (field, title) in enumerate(
+        (("response_tokens", "Final response length (tokens)"), ("reasoning_tokens", "Reasoning length (tokens)"))
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         keep = (lambda v: v is not None and v > 0) if field == "reasoning_tokens" else (lambda v: v is not None)
         vals = [r[field] for r in rows if keep(r.get(field))]
@@ -138,10 +172,17 @@ def plot_lengths(path: Path, rows: list[dict[str, Any]], base_rows: list[dict[st
     return path
 
 
-def write_plots(out_dir: Path, rows: list[dict[str, Any]], metrics: dict[str, Any],
-                base_rows: list[dict[str, Any]] | None = None, base_metrics: dict[str, Any] | None = None,
-                names: tuple[str, str] = ("model", "baseline")) -> dict[str, Path]:
+def write_plots(
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    base_rows: list[dict[str, Any]] | None = None,
+    base_metrics: dict[str, Any] | None = None,
+    names: tuple[str, str] = ("model", "baseline"),
+) -> dict[str, Path]:
     """headline.png, rates_by_category.png, lengths.png in `out_dir`."""
-    return {"headline": plot_headline(out_dir / "headline.png", metrics, base_metrics, names),
-            "rates_by_category": plot_categories(out_dir / "rates_by_category.png", rows, base_rows, names),
-            "lengths": plot_lengths(out_dir / "lengths.png", rows, base_rows, names)}
+    return {
+        "headline": plot_headline(out_dir / "headline.png", metrics, base_metrics, names),
+        "rates_by_category": plot_categories(out_dir / "rates_by_category.png", rows, base_rows, names),
+        "lengths": plot_lengths(out_dir / "lengths.png", rows, base_rows, names),
+    }

@@ -52,8 +52,7 @@ class EvalResult:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self, quote_words: int = QUOTE_WORDS) -> dict[str, Any]:
-        return {"info": self.info, "metrics": self.metrics,
-                "rows": [redact_row(r, quote_words) for r in self.rows]}
+        return {"info": self.info, "metrics": self.metrics, "rows": [redact_row(r, quote_words) for r in self.rows]}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> EvalResult:

@@ -32,24 +32,51 @@ def default_generate_fn() -> Callable[..., list[dict]]:
 def _sampling_text(sampling: Any) -> str:
     if getattr(sampling, "greedy", False):
         return f"greedy, max_new_tokens={sampling.max_new_tokens}"
-    return (f"temperature={sampling.temperature}, top_k={sampling.top_k}, top_p={sampling.top_p}, "
-            f"seed={sampling.seed}, max_new_tokens={sampling.max_new_tokens}")
+    return (
+        f"temperature={sampling.temperature}, top_k={sampling.top_k}, top_p={sampling.top_p}, "
+        f"seed={sampling.seed}, max_new_tokens={sampling.max_new_tokens}"
+    )
 
 
-def run_eval(model: Any, tokenizer: Any, examples: list[EvalExample], sampling: Any, *, batch_size: int = 8,
-             mesh: Any = None, judge: Any = None, generate_fn: Callable[..., list[dict]] | None = None,
-             system_prompt: str | None = None, progress: bool = True, options: ScoreOptions = ScoreOptions(),
-             info: dict[str, Any] | None = None) -> EvalResult:
+def run_eval(
+    model: Any,
+    tokenizer: Any,
+    examples: list[EvalExample],
+    sampling: Any,
+    *,
+    batch_size: int = 8,
+    mesh: Any = None,
+    judge: Any = None,
+    generate_fn: Callable[..., list[dict]] | None = None,
+    system_prompt: str | None = None,
+    progress: bool = True,
+    options: ScoreOptions = ScoreOptions(),
+    info: dict[str, Any] | None = None,
+) -> EvalResult:
     """Answer every example with `generate_fn` (default `safer_jax.generate.generate_chat`) and score."""
     gen = generate_fn or default_generate_fn()
     rows = [{"id": ex.id, "prompt": ex.prompt} for ex in examples]
     t0 = time.perf_counter()
-    gens = gen(model, tokenizer, rows, sampling, batch_size=batch_size, system_prompt=system_prompt, mesh=mesh,
-               progress=progress, fmt=options.fmt)
+    gens = gen(
+        model,
+        tokenizer,
+        rows,
+        sampling,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        mesh=mesh,
+        progress=progress,
+        fmt=options.fmt,
+    )
     elapsed = time.perf_counter() - t0
-    meta = {"sets": sorted({ex.source for ex in examples}), "sampling": _sampling_text(sampling),
-            "sampling_config": dataclasses.asdict(sampling) if dataclasses.is_dataclass(sampling) else str(sampling),
-            "batch_size": batch_size, "generate_s": round(elapsed, 1), **(info or {})}
+    meta = {
+        "sets": sorted({ex.source for ex in examples}),
+        "sampling": _sampling_text(sampling),
+        "sampling_config": dataclasses.asdict(sampling) if dataclasses.is_dataclass(sampling) else str(sampling),
+        "batch_size": batch_size,
+        "generate_s": round(elapsed, 1),
+        **(info or {}),
+    }
     return score(examples, gens, tokenizer=tokenizer, judge=judge, options=options, info=meta)
 
 
@@ -72,17 +99,42 @@ def load_model(spec: str, gguf_file: str | None = None, mesh: Any = None) -> tup
     return model, tok, name
 
 
-def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, sampling: Any, *,
-             gguf_file: str | None = None, baseline: str | None = None, baseline_gguf_file: str | None = None,
-             batch_size: int = 8, judge: Any = None, mesh: Any = None, system_prompt: str | None = None,
-             generate_fn: Callable[..., list[dict]] | None = None, progress: bool = True,
-             options: ScoreOptions = ScoreOptions(), title: str = "safer-jax safety evaluation",
-             chat_template_kwargs: dict[str, Any] | None = None
-             ) -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
+def evaluate(
+    model: str,
+    examples: Sequence[EvalExample],
+    out_dir: str | Path,
+    sampling: Any,
+    *,
+    gguf_file: str | None = None,
+    baseline: str | None = None,
+    baseline_gguf_file: str | None = None,
+    batch_size: int = 8,
+    judge: Any = None,
+    mesh: Any = None,
+    system_prompt: str | None = None,
+    generate_fn: Callable[..., list[dict]] | None = None,
+    progress: bool = True,
+    options: ScoreOptions = ScoreOptions(),
+    title: str = "safer-jax safety evaluation",
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
     """Evaluate `model` (and `baseline`: a model spec, or an earlier results.json / out folder); write reports."""
     examples = list(examples)
-    res = _evaluate_one(model, gguf_file, examples, sampling, batch_size, judge, mesh, system_prompt, generate_fn,
-                        progress, options, "model", chat_template_kwargs)
+    res = _evaluate_one(
+        model,
+        gguf_file,
+        examples,
+        sampling,
+        batch_size,
+        judge,
+        mesh,
+        system_prompt,
+        generate_fn,
+        progress,
+        options,
+        "model",
+        chat_template_kwargs,
+    )
     base = None
     if baseline:
         bpath = as_path(baseline)
@@ -90,15 +142,40 @@ def evaluate(model: str, examples: Sequence[EvalExample], out_dir: str | Path, s
             base = EvalResult.load(bpath)
             base.info.setdefault("name", "baseline")
         else:
-            base = _evaluate_one(baseline, baseline_gguf_file, examples, sampling, batch_size, judge, mesh,
-                                 system_prompt, generate_fn, progress, options, "baseline", chat_template_kwargs)
+            base = _evaluate_one(
+                baseline,
+                baseline_gguf_file,
+                examples,
+                sampling,
+                batch_size,
+                judge,
+                mesh,
+                system_prompt,
+                generate_fn,
+                progress,
+                options,
+                "baseline",
+                chat_template_kwargs,
+            )
     paths = write_report(out_dir, res, base, title)
     return res, base, paths
 
 
-def _evaluate_one(spec: str, gguf_file: str | None, examples: list[EvalExample], sampling: Any, batch_size: int,
-                  judge: Any, mesh: Any, system_prompt: str | None, generate_fn: Callable | None, progress: bool,
-                  options: ScoreOptions, role: str, chat_template_kwargs: dict[str, Any] | None = None) -> EvalResult:
+def _evaluate_one(
+    spec: str,
+    gguf_file: str | None,
+    examples: list[EvalExample],
+    sampling: Any,
+    batch_size: int,
+    judge: Any,
+    mesh: Any,
+    system_prompt: str | None,
+    generate_fn: Callable | None,
+    progress: bool,
+    options: ScoreOptions,
+    role: str,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> EvalResult:
     from safer_jax.data.tokenize import ChatTokenizer
 
     t0 = time.perf_counter()
@@ -106,15 +183,30 @@ def _evaluate_one(spec: str, gguf_file: str | None, examples: list[EvalExample],
     tok = ChatTokenizer(tok, system_prompt, name, chat_template_kwargs, options.fmt)  # the shared tokenization
     load_s = time.perf_counter() - t0
     log.info("loaded %s %s in %.1fs", role, name, load_s)
-    res = run_eval(model, tok, examples, sampling, batch_size=batch_size, mesh=mesh, judge=judge,
-                   generate_fn=generate_fn, system_prompt=system_prompt, progress=progress, options=options,
-                   info={"model": name, "name": role, "load_s": round(load_s, 1)})
+    res = run_eval(
+        model,
+        tok,
+        examples,
+        sampling,
+        batch_size=batch_size,
+        mesh=mesh,
+        judge=judge,
+        generate_fn=generate_fn,
+        system_prompt=system_prompt,
+        progress=progress,
+        options=options,
+        info={"model": name, "name": role, "load_s": round(load_s, 1)},
+    )
     del model
     return res
 
 
-def write_report(out_dir: str | Path, result: EvalResult, baseline: EvalResult | None = None,
-                 title: str = "safer-jax safety evaluation") -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path,
+    result: EvalResult,
+    baseline: EvalResult | None = None,
+    title: str = "safer-jax safety evaluation",
+) -> dict[str, Path]:
     """See `report.write_report` (re-exported here so callers need one import)."""
     from safer_jax.evaluation.report import write_report as _write
 

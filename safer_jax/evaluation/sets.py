@@ -29,9 +29,18 @@ from safer_jax.data.traces import LABELS
 
 # Raw label values as benchmarks spell them -> our three labels.
 LABEL_ALIASES = {
-    "harmful": "harmful", "unsafe": "harmful", "1": "harmful", "true": "harmful", "yes": "harmful",
-    "benign": "benign", "safe": "benign", "0": "benign", "false": "benign", "no": "benign",
-    "borderline": "borderline", "contested": "borderline",
+    "harmful": "harmful",
+    "unsafe": "harmful",
+    "1": "harmful",
+    "true": "harmful",
+    "yes": "harmful",
+    "benign": "benign",
+    "safe": "benign",
+    "0": "benign",
+    "false": "benign",
+    "no": "benign",
+    "borderline": "borderline",
+    "contested": "borderline",
 }
 
 
@@ -49,9 +58,16 @@ class EvalExample:
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "label": self.label, "category": self.category,
-                "rules": list(self.rules), "reference": self.reference, "source": self.source,
-                "extra": dict(self.extra)}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "label": self.label,
+            "category": self.category,
+            "rules": list(self.rules),
+            "reference": self.reference,
+            "source": self.source,
+            "extra": dict(self.extra),
+        }
 
 
 def _xstest_label(row: dict[str, Any]) -> str | None:
@@ -98,18 +114,54 @@ PRESETS: dict[str, ColumnMap] = {
     # The bundled schema and home-made files: {id, prompt, label, category, rules, reference}.
     # `split` (e.g. "adversarial") and `attack` (the rephrasing) are kept: reports group by split.
     "custom": ColumnMap(label=("label",), extra=("split", "attack")),
-    "advbench": ColumnMap(prompt=("goal",), default_label="harmful", category=(), default_category="advbench",
-                          id=(), reference=(), rules=()),
-    "harmbench": ColumnMap(prompt=("Behavior",), default_label="harmful", category=("SemanticCategory", "Category"),
-                           id=("BehaviorID",), reference=(), rules=(), context=("ContextString",),
-                           extra=("FunctionalCategory",)),
-    "strongreject": ColumnMap(prompt=("forbidden_prompt",), default_label="harmful", category=("category",),
-                              id=(), reference=(), rules=(), extra=("source",)),
-    "xstest": ColumnMap(prompt=("prompt",), label=("label",), infer_label=_xstest_label, category=("type",),
-                        id=("id",), reference=(), rules=(), extra=("focus", "note")),
-    "jbb": ColumnMap(prompt=("Goal", "goal"), label=("label", "split"), default_label="harmful",
-                     category=("Category", "category"), id=("Index", "index", "Behavior"), reference=(), rules=(),
-                     extra=("Behavior", "Source")),
+    "advbench": ColumnMap(
+        prompt=("goal",),
+        default_label="harmful",
+        category=(),
+        default_category="advbench",
+        id=(),
+        reference=(),
+        rules=(),
+    ),
+    "harmbench": ColumnMap(
+        prompt=("Behavior",),
+        default_label="harmful",
+        category=("SemanticCategory", "Category"),
+        id=("BehaviorID",),
+        reference=(),
+        rules=(),
+        context=("ContextString",),
+        extra=("FunctionalCategory",),
+    ),
+    "strongreject": ColumnMap(
+        prompt=("forbidden_prompt",),
+        default_label="harmful",
+        category=("category",),
+        id=(),
+        reference=(),
+        rules=(),
+        extra=("source",),
+    ),
+    "xstest": ColumnMap(
+        prompt=("prompt",),
+        label=("label",),
+        infer_label=_xstest_label,
+        category=("type",),
+        id=("id",),
+        reference=(),
+        rules=(),
+        extra=("focus", "note"),
+    ),
+    "jbb": ColumnMap(
+        prompt=("Goal", "goal"),
+        label=("label", "split"),
+        default_label="harmful",
+        category=("Category", "category"),
+        id=("Index", "index", "Behavior"),
+        reference=(),
+        rules=(),
+        extra=("Behavior", "Source"),
+    ),
 }
 PRESETS["jailbreakbench"] = PRESETS["jbb"]
 PRESETS["jbb_benign"] = dataclasses.replace(PRESETS["jbb"], default_label="benign")
@@ -117,6 +169,7 @@ PRESETS["bundled"] = PRESETS["custom"]
 
 
 # ---- readers: (location, row) pairs; location is ("line", n) or ("item", n) ----
+
 
 def _read_csv(path: Path) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -162,7 +215,10 @@ def _read_jsonl_rows(path: Path) -> Iterator[tuple[tuple[str, int], dict[str, An
 
 
 READERS: dict[str, Callable[[Path], Iterator[tuple[tuple[str, int], dict[str, Any]]]]] = {
-    ".csv": _read_csv, ".tsv": _read_csv, ".json": _read_json, ".jsonl": _read_jsonl_rows,
+    ".csv": _read_csv,
+    ".tsv": _read_csv,
+    ".json": _read_json,
+    ".jsonl": _read_jsonl_rows,
 }
 
 
@@ -173,8 +229,9 @@ def _first(row: dict[str, Any], cols: tuple[str, ...]) -> tuple[str | None, Any]
     return None, None
 
 
-def _example(row: dict[str, Any], cmap: ColumnMap, name: str, path: Path, where: tuple[str, int], index: int
-             ) -> EvalExample:
+def _example(
+    row: dict[str, Any], cmap: ColumnMap, name: str, path: Path, where: tuple[str, int], index: int
+) -> EvalExample:
     """Row `index` (1-based, names the id when the file has none) found at `where` (for errors)."""
     kind, n = where
     line = n if kind == "line" else None
@@ -198,8 +255,10 @@ def _example(row: dict[str, Any], cmap: ColumnMap, name: str, path: Path, where:
     else:
         label = (cmap.infer_label(row) if cmap.infer_label else None) or cmap.default_label
         if label is None:
-            raise err("no label column and no default label for this preset (use --columns default_label=...)",
-                      "|".join(cmap.label) or "label")
+            raise err(
+                "no label column and no default label for this preset (use --columns default_label=...)",
+                "|".join(cmap.label) or "label",
+            )
     _, category = _first(row, cmap.category)
     _, rid = _first(row, cmap.id)
     rid = f"{name}-{index:04d}" if rid is None else (str(rid) if name == "bundled" else f"{name}-{rid}")
@@ -210,13 +269,21 @@ def _example(row: dict[str, Any], cmap: ColumnMap, name: str, path: Path, where:
     if rules is not None and not isinstance(rules, list):
         raise err(f"expected a list of rule ids, got {type(rules).__name__}", col or "rules")
     extra = {c: str(row[c]) for c in cmap.extra if row.get(c) not in (None, "")}
-    return EvalExample(rid, prompt.strip(), label, str(category).strip() if category else cmap.default_category,
-                       tuple(str(r).strip() for r in rules or ()), str(reference).strip() if reference else None,
-                       name, extra)
+    return EvalExample(
+        rid,
+        prompt.strip(),
+        label,
+        str(category).strip() if category else cmap.default_category,
+        tuple(str(r).strip() for r in rules or ()),
+        str(reference).strip() if reference else None,
+        name,
+        extra,
+    )
 
 
-def load_file(path: str | Path, preset: str = "custom", name: str | None = None,
-              columns: dict[str, str] | None = None) -> list[EvalExample]:
+def load_file(
+    path: str | Path, preset: str = "custom", name: str | None = None, columns: dict[str, str] | None = None
+) -> list[EvalExample]:
     """Examples of one benchmark file through a preset (optionally overridden column by column)."""
     path = Path(path)
     if preset not in PRESETS:
@@ -284,8 +351,9 @@ def stratified_limit(examples: list[EvalExample], limit: int | None) -> list[Eva
     return [ex for ex in examples if ex.id in picked]
 
 
-def load_eval_sets(specs: list[str], columns: dict[str, str] | None = None,
-                   limit: int | None = None) -> list[EvalExample]:
+def load_eval_sets(
+    specs: list[str], columns: dict[str, str] | None = None, limit: int | None = None
+) -> list[EvalExample]:
     """Examples of every spec (see module docstring); `columns` overrides file presets, `limit` is per set."""
     out: list[EvalExample] = []
     seen: dict[str, str] = {}
@@ -297,8 +365,9 @@ def load_eval_sets(specs: list[str], columns: dict[str, str] | None = None,
             examples = load_file(path, preset, name, columns)
         for ex in stratified_limit(examples, limit):
             if ex.id in seen:
-                raise ValueError(f"eval set {spec!r}: id {ex.id!r} also in set {seen[ex.id]!r}; give the sets "
-                                 "distinct names")
+                raise ValueError(
+                    f"eval set {spec!r}: id {ex.id!r} also in set {seen[ex.id]!r}; give the sets distinct names"
+                )
             seen[ex.id] = spec
             out.append(ex)
     return out

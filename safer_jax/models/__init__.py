@@ -11,6 +11,15 @@ from safer_jax.models.hf_io import (
 )
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "Decoder", "DecoderConfig", "ModelConfigError", "abstract_model",
-    "from_hf_config", "from_pretrained", "param_shardings", "save_pretrained", "to_hf_config",
+    "FAMILIES",
+    "CheckpointError",
+    "Decoder",
+    "DecoderConfig",
+    "ModelConfigError",
+    "abstract_model",
+    "from_hf_config",
+    "from_pretrained",
+    "param_shardings",
+    "save_pretrained",
+    "to_hf_config",
 ]

@@ -80,7 +80,7 @@ def _xla_attention(q, k, v, inp: AttentionInputs):
     qg = q.reshape(b, t, kv, n // kv, h)
     acc = jnp.promote_types(q.dtype, jnp.float32)  # softmax in float32 at least
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)
-    scores = scores * (h ** -0.5)
+    scores = scores * (h**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -98,8 +98,10 @@ def cudnn_arguments(inp: AttentionInputs, packed: bool = True) -> dict[str, Any]
     `packed` a same-segment mask `[B, 1, T, S]` for rows that hold several segments."""
     window = inp.static_window()
     if window is None:
-        raise ValueError("attention 'cudnn' needs a static sliding window: set model.scan_layers=false for "
-                         "models whose layers use different windows")
+        raise ValueError(
+            "attention 'cudnn' needs a static sliding window: set model.scan_layers=false for "
+            "models whose layers use different windows"
+        )
     kw: dict[str, Any] = {
         "is_causal": True,
         "query_seq_lengths": (inp.q_segment_ids != 0).sum(-1).astype(jnp.int32),
@@ -124,8 +126,16 @@ def _splash_kernel(t: int, heads: int, window: int, interpret: bool) -> Any:
     else:
         one = sa.CausalMask((t, t))
     block = min(512, t)
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     return sa.make_splash_mqa_single_device(sa.MultiHeadMask([one] * heads), block_sizes=sizes, interpret=interpret)
 
 
@@ -135,15 +145,17 @@ def _splash_attention(q, k, v, inp: AttentionInputs, interpret: bool | None = No
 
     window = inp.static_window()
     if window is None:
-        raise ValueError("attention 'splash' needs a static sliding window: set model.scan_layers=false for "
-                         "models whose layers use different windows")
+        raise ValueError(
+            "attention 'splash' needs a static sliding window: set model.scan_layers=false for "
+            "models whose layers use different windows"
+        )
     b, t, n, h = q.shape
     kv = k.shape[2]
     if t % 128 and t > 128:
         raise ValueError(f"attention 'splash': sequence length {t} must be a multiple of 128")
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     kernel = _splash_kernel(t, n // kv, window, interpret)
-    qg = (q * (h ** -0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    qg = (q * (h**-0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
 
     def one(qe, ke, ve, seg):  # [K, G, T, H], [K, S, H], [K, S, H], [T]
@@ -171,8 +183,10 @@ def require_hardware(backend: str, platform: str | None = None) -> None:
         raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
     platform = platform or jax.default_backend()
     if backend in HARDWARE and platform not in HARDWARE[backend]:
-        raise ValueError(f"attention backend {backend!r} needs a {' or '.join(HARDWARE[backend]).upper()}; "
-                         f"this process runs on {platform!r} (use attention 'xla' here)")
+        raise ValueError(
+            f"attention backend {backend!r} needs a {' or '.join(HARDWARE[backend]).upper()}; "
+            f"this process runs on {platform!r} (use attention 'xla' here)"
+        )
 
 
 def attention(

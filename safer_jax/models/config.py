@@ -69,12 +69,18 @@ class DecoderConfig:
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
-    def replace(self, **kw: Any) -> "DecoderConfig":
+    def replace(self, **kw: Any) -> DecoderConfig:
         return dataclasses.replace(self, **kw)
 
     def num_params(self, include_embedding: bool = True) -> int:
-        d, f, n, k, h, v = (self.hidden_size, self.intermediate_size, self.num_heads,
-                            self.num_kv_heads, self.head_dim, self.vocab_size)
+        d, f, n, k, h, v = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+        )
         per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
         per_layer += (n + 2 * k) * h if self.qkv_bias else 0
         per_layer += d if self.o_bias else 0
@@ -145,7 +151,9 @@ def _sliding_windows(hf: dict[str, Any], n_layers: int, where: str) -> tuple[int
                 out.append(0)
             elif t == "sliding_attention":
                 if not window:
-                    raise ModelConfigError(f"{where}: layer_types[{i}] is sliding_attention but sliding_window is unset")
+                    raise ModelConfigError(
+                        f"{where}: layer_types[{i}] is sliding_attention but sliding_window is unset"
+                    )
                 out.append(int(window))
             else:
                 raise ModelConfigError(f"{where}: layer_types[{i}]={t!r} is not supported")
@@ -236,8 +244,9 @@ def to_hf_config(cfg: DecoderConfig) -> dict[str, Any]:
         rope_parameters=rope,
         rope_theta=cfg.rope_theta,
         bos_token_id=cfg.bos_token_id,
-        eos_token_id=(list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1
-                      else (cfg.eos_token_id[0] if cfg.eos_token_id else None)),
+        eos_token_id=(
+            list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else (cfg.eos_token_id[0] if cfg.eos_token_id else None)
+        ),
         pad_token_id=cfg.pad_token_id,
     )
     if cfg.model_type in ("llama", "qwen3"):

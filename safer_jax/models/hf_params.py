@@ -59,7 +59,7 @@ def hf_shape(row: Row, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape for one (unstacked) parameter of shape `ours_shape`."""
     if row.kind == "vector":
         return (math.prod(ours_shape),) if len(ours_shape) > 1 and row.ours != "embed" else tuple(ours_shape)
-    return (math.prod(ours_shape[row.in_dims:]), math.prod(ours_shape[: row.in_dims]))
+    return (math.prod(ours_shape[row.in_dims :]), math.prod(ours_shape[: row.in_dims]))
 
 
 def to_ours(row: Row, tensor: np.ndarray, ours_shape: tuple[int, ...]) -> np.ndarray:

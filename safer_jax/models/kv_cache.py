@@ -94,8 +94,9 @@ def forward_cached(
     params = {name: getattr(model.layers, name)[...] for name in names}
 
     def run(p, x, k_all, v_all, layer, window):
-        return _cached_layer(cfg, mesh, p, x, sin, cos, k_all, v_all, layer, start, q_seg,
-                             cache.segment_ids, q_idx, kv_idx, window)
+        return _cached_layer(
+            cfg, mesh, p, x, sin, cos, k_all, v_all, layer, start, q_seg, cache.segment_ids, q_idx, kv_idx, window
+        )
 
     k_all, v_all = cache.k, cache.v
     if cfg.scan_layers:

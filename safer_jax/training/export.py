@@ -22,8 +22,14 @@ from safer_jax.training.run import resolve_model_path
 from safer_jax.training.sft import TrainState
 
 
-def save_hf(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
-            dtype: str | None = None, **kwargs: Any) -> str:
+def save_hf(
+    model: Any,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    **kwargs: Any,
+) -> str:
     """`models.save_pretrained` (same keywords) to a local folder or a bucket URL; returns where it wrote."""
     out = as_path(out_dir)
     if not is_remote(out):
@@ -47,8 +53,13 @@ def _run_config(run_dir: Any) -> SFTConfig:
     return from_dict(SFTConfig, tree)
 
 
-def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-                      overwrite: bool = False, dtype: str | None = None) -> str:
+def export_checkpoint(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    step: int | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+) -> str:
     """Restore the parameters of checkpoint `step` (default latest) onto one device and write a HF folder."""
     from safer_jax.data.tokenize import load_tokenizer
 
@@ -62,8 +73,12 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, st
     else:
         hf = read_hf_config(resolve_path(path))
     gen = resolve_path(path, gguf) / "generation_config.json"
-    mcfg = from_hf_config(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype or cfg.model.dtype,
-                          generation_config_json=gen.read_text() if gen.exists() else "")
+    mcfg = from_hf_config(
+        hf,
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype or cfg.model.dtype,
+        generation_config_json=gen.read_text() if gen.exists() else "",
+    )
     model = abstract_model(mcfg)
     graphdef, params = nnx.split(model)
     # restore onto host memory: the optimizer moments come along (3x the model), not onto an accelerator

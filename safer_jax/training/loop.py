@@ -22,8 +22,8 @@ from safer_jax.checkpoint import abstract_like
 from safer_jax.distributed import agree_flags
 from safer_jax.metrics import Throughput, device_peak_tflops
 from safer_jax.sharding import shard_batch
-from safer_jax.training.optimizer import schedule
 from safer_jax.training.export import save_hf
+from safer_jax.training.optimizer import schedule
 from safer_jax.training.run import Preemption, Run, TrainingStopped
 
 
@@ -61,8 +61,9 @@ def _clock_skew() -> float:
     return float(os.environ.get("SAFER_JAX_TEST_CLOCK_SKEW_S", "0") or 0)
 
 
-def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef: Any,
-             hooks: Sequence[Callable] = ()) -> dict[str, Any]:
+def run_loop(
+    spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef: Any, hooks: Sequence[Callable] = ()
+) -> dict[str, Any]:
     """Resume if possible, then train to `train.steps`; returns the final metrics, `state` and `export`.
     Closes `run` (its checkpoint manager and tracker) when done."""
     tc, opt, mesh, ckpt, tracker = run.cfg.train, run.cfg.optimizer, run.mesh, run.checkpoints, run.tracker
@@ -76,10 +77,13 @@ def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef:
     lr_at = schedule(opt, tc.steps)
     thr = Throughput(spec.flops_per_token, len(jax.devices()), device_peak_tflops(jax.devices()[0]))
     pre = Preemption()
-    say(f"training steps {start + 1}..{tc.steps} on {len(jax.devices())} devices, mesh "
-        f"{dict(mesh.shape) if mesh is not None else None}")
-    bar = tqdm(total=tc.steps, initial=start, desc=spec.name, unit="step", mininterval=2.0,
-               disable=jax.process_index() != 0)
+    say(
+        f"training steps {start + 1}..{tc.steps} on {len(jax.devices())} devices, mesh "
+        f"{dict(mesh.shape) if mesh is not None else None}"
+    )
+    bar = tqdm(
+        total=tc.steps, initial=start, desc=spec.name, unit="step", mininterval=2.0, disable=jax.process_index() != 0
+    )
     last: dict[str, float] = {}
     skipped = 0
     done = start
@@ -96,7 +100,8 @@ def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef:
                     raise TrainingStopped(
                         f"non-finite loss at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); stopped "
                         f"with the last good checkpoint (step {ckpt.latest_step()}) kept; set train.on_nan=skip "
-                        "to skip such batches")
+                        "to skip such batches"
+                    )
                 skipped += 1
                 say(f"step {step}: non-finite loss, batch skipped ({skipped} so far)")
             m.update(thr.step(spec.tokens_per_step), lr=float(lr_at(step - 1)))
@@ -105,8 +110,10 @@ def run_loop(spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef:
                 tracker.log(step, {k: v for k, v in m.items() if k != "nonfinite"})
                 mfu = f" MFU {m['mfu']:.1%}" if "mfu" in m else ""
                 speed = f" {m['tokens_per_s']:.0f} tok/s {m['tflops'] * 1e3:.1f} GFLOP/s" if "tokens_per_s" in m else ""
-                say(f"step {step}/{tc.steps} {spec.line(m)} grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e}"
-                    f"{speed}{mfu} step {m['step_time_s']:.2f}s")
+                say(
+                    f"step {step}/{tc.steps} {spec.line(m)} grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e}"
+                    f"{speed}{mfu} step {m['step_time_s']:.2f}s"
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
             if spec.evaluate is not None and tc.eval_every and step % tc.eval_every == 0:

@@ -35,8 +35,9 @@ def reference_ld_alpha(ld_alpha: float, ld_reference: bool) -> float:
     return ld_alpha if ld_reference else 1.0
 
 
-def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int, ld_alpha: float = 1.0
-                    ) -> tuple[jax.Array, jax.Array]:
+def pair_span_logps(
+    params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int, ld_alpha: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """(span log-prob sums `[2B]`, span lengths `[2B]`) under `params`."""
     model = nnx.merge(graphdef, params)
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
@@ -45,36 +46,71 @@ def pair_span_logps(params: Any, graphdef: Any, batch: dict[str, jax.Array], chu
     return span_logps(lp, batch["span_mask"][:, 1:], ld_alpha)
 
 
-def preference_objective(params: Any, ref_params: Any, graphdef: Any, batch: dict[str, jax.Array], *,
-                         loss_type: str, hparams: dict[str, float], chunk: int, ld_alpha: float,
-                         ld_reference: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+def preference_objective(
+    params: Any,
+    ref_params: Any,
+    graphdef: Any,
+    batch: dict[str, jax.Array],
+    *,
+    loss_type: str,
+    hparams: dict[str, float],
+    chunk: int,
+    ld_alpha: float,
+    ld_reference: bool = True,
+) -> tuple[jax.Array, dict[str, Any]]:
     """Sum of per-pair losses (the step divides by the global pair count) and metrics."""
     logps, lengths = pair_span_logps(params, graphdef, batch, chunk, ld_alpha)
     b = logps.shape[0] // 2
     if "ref_logps" in batch:
         ref = batch["ref_logps"]
     elif ref_params is not None:
-        ref, _ = pair_span_logps(jax.lax.stop_gradient(ref_params), graphdef, batch, chunk,
-                                 reference_ld_alpha(ld_alpha, ld_reference))
+        ref, _ = pair_span_logps(
+            jax.lax.stop_gradient(ref_params), graphdef, batch, chunk, reference_ld_alpha(ld_alpha, ld_reference)
+        )
     else:
         ref = None
     losses, metrics = preference_loss(
-        loss_type, logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
-        lengths[:b], lengths[b:], **hparams)
+        loss_type,
+        logps[:b],
+        logps[b:],
+        None if ref is None else ref[:b],
+        None if ref is None else ref[b:],
+        lengths[:b],
+        lengths[b:],
+        **hparams,
+    )
     return losses.sum(), metrics
 
 
-def preference_step(state: TrainState, batch: dict[str, jax.Array], ref_params: Any = None, *, graphdef: Any,
-                    tx: optax.GradientTransformation, loss_type: str = "sigmoid", hparams: dict[str, float] | None = None,
-                    chunk: int = 512, ld_alpha: float = 1.0, accum: int = 1, blocks: int = 1,
-                    skip_nonfinite: bool = False, ld_reference: bool = True
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+def preference_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    ref_params: Any = None,
+    *,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    loss_type: str = "sigmoid",
+    hparams: dict[str, float] | None = None,
+    chunk: int = 512,
+    ld_alpha: float = 1.0,
+    accum: int = 1,
+    blocks: int = 1,
+    skip_nonfinite: bool = False,
+    ld_reference: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `[2B, T]` pair rows (B pairs over `accum` microbatches; `blocks`
     per-process blocks, see `pair_layout`); the loss is the mean over all B pairs, exactly."""
-    fn = functools.partial(preference_objective, graphdef=graphdef, loss_type=loss_type, hparams=dict(hparams or {}),
-                           chunk=chunk, ld_alpha=ld_alpha, ld_reference=ld_reference)
+    fn = functools.partial(
+        preference_objective,
+        graphdef=graphdef,
+        loss_type=loss_type,
+        hparams=dict(hparams or {}),
+        chunk=chunk,
+        ld_alpha=ld_alpha,
+        ld_reference=ld_reference,
+    )
     micro = pair_layout(batch, accum, blocks)
-    total, metrics, grads = accumulate_grads(lambda p, b: fn(p, ref_params, batch=b), state.params, micro, accum)
+    _, metrics, grads = accumulate_grads(lambda p, b: fn(p, ref_params, batch=b), state.params, micro, accum)
     n = metrics["loss"][1]
     grads = jax.tree.map(lambda g: g / n, grads)
     grad_norm = optax.tree.norm(grads)
@@ -98,15 +134,21 @@ def check_pair_rows(mesh: Any, local_pairs: int) -> None:
     from safer_jax.sharding import row_origins
 
     origins = row_origins(mesh, 2 * local_pairs)  # [N, 2] (process, local row)
-    expect = np.stack([np.repeat(np.arange(jax.process_count()), 2 * local_pairs),
-                       np.tile(np.arange(2 * local_pairs), jax.process_count())], 1)
+    expect = np.stack(
+        [
+            np.repeat(np.arange(jax.process_count()), 2 * local_pairs),
+            np.tile(np.arange(2 * local_pairs), jax.process_count()),
+        ],
+        1,
+    )
     if not np.array_equal(origins, expect):
         bad = int(np.argmax(np.any(origins != expect, axis=1)))
         raise RowOrderError(
             f"the mesh's device order assembles the global batch out of process order (global row {bad} holds "
             f"process {origins[bad, 0]}'s row {origins[bad, 1]}, expected process {expect[bad, 0]}'s row "
             f"{expect[bad, 1]}): chosen and rejected rows would not pair up. Build the mesh from jax.devices() "
-            "in their default order (each process's devices contiguous)")
+            "in their default order (each process's devices contiguous)"
+        )
 
 
 def pair_layout(batch: dict[str, jax.Array], accum: int = 1, blocks: int = 1) -> dict[str, jax.Array]:

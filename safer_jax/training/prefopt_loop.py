@@ -31,13 +31,17 @@ from safer_jax.models import from_pretrained
 from safer_jax.training.loop import LoopSpec, run_loop, say
 from safer_jax.training.optimizer import make_optimizer
 from safer_jax.training.preference import check_pair_rows, preference_step
-from safer_jax.training.ref_cache import (RefLogpCache, check_resumed_reference, compute_settings, ensure_ref_logps,
-                                          reference_fingerprints)
+from safer_jax.training.ref_cache import (
+    RefLogpCache,
+    check_resumed_reference,
+    compute_settings,
+    ensure_ref_logps,
+    reference_fingerprints,
+)
 from safer_jax.training.run import Run, build_run, resolve_model_path
 from safer_jax.training.sft import compile_step, init_state
 
 REFERENCE_MODES = ("cache", "model")
-
 
 
 def _validate(cfg: PrefOptConfig) -> None:
@@ -56,8 +60,7 @@ def reference_location(cfg: PrefOptConfig, run: Run) -> tuple[str, str | None]:
     """(local folder, gguf file) of the reference: `preference.reference_path`, else the policy's start."""
     pc = cfg.preference
     if pc.reference_path:
-        return resolve_model_path(ModelConfig(path=pc.reference_path, gguf_file=pc.reference_gguf_file),
-                                  run.run_dir)
+        return resolve_model_path(ModelConfig(path=pc.reference_path, gguf_file=pc.reference_gguf_file), run.run_dir)
     return run.model_location
 
 
@@ -65,43 +68,83 @@ def _compute_settings(cfg: PrefOptConfig, keys_only: bool = False) -> dict[str, 
     """The reference-forward settings that enter the cache key (`ref_cache.compute_settings`);
     with `keys_only`, as keyword arguments of `ensure_ref_logps`."""
     pc = cfg.preference
-    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention=cfg.model.attention, span=pc.span,
-              ld_reference=pc.ld_reference)
+    kw = dict(
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+        attention=cfg.model.attention,
+        span=pc.span,
+        ld_reference=pc.ld_reference,
+    )
     return kw if keys_only else compute_settings(ld_alpha=pc.ld_alpha, **kw)
 
 
 def _reference_keyed(cfg: PrefOptConfig, run: Run, pairs: list[Any], ct: ChatTokenizer) -> tuple[str, dict[str, Any]]:
     """(cache key, its parts) of this run's reference log-probs."""
-    return reference_fingerprints(pairs, ct, seq_len=cfg.data.seq_len, reference=reference_location(cfg, run),
-                                  settings=_compute_settings(cfg),
-                                  memo_file=RefLogpCache(cfg.preference.cache_dir).memo_file)
+    return reference_fingerprints(
+        pairs,
+        ct,
+        seq_len=cfg.data.seq_len,
+        reference=reference_location(cfg, run),
+        settings=_compute_settings(cfg),
+        memo_file=RefLogpCache(cfg.preference.cache_dir).memo_file,
+    )
 
 
-def _cached_ref_logps(cfg: PrefOptConfig, run: Run, pairs: list[Any], ct: ChatTokenizer, load_reference: Any,
-                      keyed: tuple[str, dict[str, Any]] | None = None) -> tuple[np.ndarray, Any, str, bool]:
+def _cached_ref_logps(
+    cfg: PrefOptConfig,
+    run: Run,
+    pairs: list[Any],
+    ct: ChatTokenizer,
+    load_reference: Any,
+    keyed: tuple[str, dict[str, Any]] | None = None,
+) -> tuple[np.ndarray, Any, str, bool]:
     """(log-probs `[N, 2]`, cache entry folder, key, hit) from the reference log-prob cache."""
     pc = cfg.preference
     cache = RefLogpCache(pc.cache_dir)
     logps, key, hit = ensure_ref_logps(
-        cache, pairs, ct, seq_len=cfg.data.seq_len, ld_alpha=pc.ld_alpha, reference=reference_location(cfg, run),
-        load_reference=load_reference, batch_size=cfg.data.batch_size, mesh=run.mesh, chunk=cfg.train.loss_chunk,
-        log=say, keyed=keyed, **_compute_settings(cfg, keys_only=True))
+        cache,
+        pairs,
+        ct,
+        seq_len=cfg.data.seq_len,
+        ld_alpha=pc.ld_alpha,
+        reference=reference_location(cfg, run),
+        load_reference=load_reference,
+        batch_size=cfg.data.batch_size,
+        mesh=run.mesh,
+        chunk=cfg.train.loss_chunk,
+        log=say,
+        keyed=keyed,
+        **_compute_settings(cfg, keys_only=True),
+    )
     return logps, cache.path(key), key, hit
 
 
 def _pairs_and_texts(cfg: PrefOptConfig, report: SkipReport | None = None) -> tuple[list[Any], list[str]]:
     """The run's pairs, and their texts (a `tiny` model's tokenizer is trained on them)."""
-    pairs = load_preference_data(train_file(cfg.data.train), load_rules(cfg.data.rules), span=cfg.preference.span,
-                                 skip_invalid=cfg.data.skip_invalid, report=report, seed=cfg.data.seed,
-                                 fmt=cfg.data.trace_format)
+    pairs = load_preference_data(
+        train_file(cfg.data.train),
+        load_rules(cfg.data.rules),
+        span=cfg.preference.span,
+        skip_invalid=cfg.data.skip_invalid,
+        report=report,
+        seed=cfg.data.seed,
+        fmt=cfg.data.trace_format,
+    )
     return pairs, [p.prompt for p in pairs] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
 
 def _load_reference(cfg: PrefOptConfig, ref_loc: tuple[str, str | None], mesh: Any) -> tuple[Any, Any]:
     """(graphdef, params) of the reference, loaded like the policy onto `mesh`."""
     say(f"loading the reference from {ref_loc[0]}")
-    ref = from_pretrained(ref_loc[0], gguf_file=ref_loc[1], dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                          mesh=mesh, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
+    ref = from_pretrained(
+        ref_loc[0],
+        gguf_file=ref_loc[1],
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+        mesh=mesh,
+        scan_layers=cfg.model.scan_layers,
+        attention=cfg.model.attention,
+    )
     return nnx.split(ref)
 
 
@@ -139,15 +182,30 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
             ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the policy's are donated each step
     n_proc = jax.process_count()
     check_pair_rows(mesh, cfg.data.batch_size // n_proc)  # before any step: chosen and rejected rows must pair
-    pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
-                          process_index=jax.process_index(), process_count=n_proc,
-                          length_buckets=cfg.data.length_buckets)
+    pcfg = PipelineConfig(
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size // n_proc,
+        seed=cfg.data.seed,
+        process_index=jax.process_index(),
+        process_count=n_proc,
+        length_buckets=cfg.data.length_buckets,
+    )
     stats = TruncationStats()
     train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))
     tx = make_optimizer(cfg.optimizer, tc.steps)
     state = init_state(params, tx, mesh)
-    return dict(run=run, mcfg=mcfg, graphdef=graphdef, state=state, tx=tx, train_iter=train_iter, stats=stats,
-                ref_params=ref_params, pairs=pairs, cache_key=cache_key)
+    return dict(
+        run=run,
+        mcfg=mcfg,
+        graphdef=graphdef,
+        state=state,
+        tx=tx,
+        train_iter=train_iter,
+        stats=stats,
+        ref_params=ref_params,
+        pairs=pairs,
+        cache_key=cache_key,
+    )
 
 
 def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
@@ -156,9 +214,18 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     env = setup(cfg)
     pc, tc, mesh, mcfg = cfg.preference, cfg.train, env["run"].mesh, env["mcfg"]
     ref_params = env.pop("ref_params")
-    static = dict(graphdef=env["graphdef"], tx=env["tx"], loss_type=pc.loss_type, hparams=pc.hparams(),
-                  chunk=tc.loss_chunk, ld_alpha=pc.ld_alpha, accum=tc.grad_accum, blocks=jax.process_count(),
-                  skip_nonfinite=tc.on_nan == "skip", ld_reference=pc.ld_reference)
+    static = dict(
+        graphdef=env["graphdef"],
+        tx=env["tx"],
+        loss_type=pc.loss_type,
+        hparams=pc.hparams(),
+        chunk=tc.loss_chunk,
+        ld_alpha=pc.ld_alpha,
+        accum=tc.grad_accum,
+        blocks=jax.process_count(),
+        skip_nonfinite=tc.on_nan == "skip",
+        ld_reference=pc.ld_reference,
+    )
     extra = (ref_params,) if ref_params is not None else ()
 
     def compile_fn(state: Any, batch: dict[str, jax.Array]) -> Any:
@@ -170,8 +237,9 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
                 compiled[shape] = compile_step(preference_step, s, b, mesh, log=say, extra=extra, **static)
             return compiled[shape](s, b, *extra)
 
-        compiled[batch["input_ids"].shape] = compile_step(preference_step, state, batch, mesh, log=say, extra=extra,
-                                                          **static)  # the first shape ahead of time; others lazily
+        compiled[batch["input_ids"].shape] = compile_step(
+            preference_step, state, batch, mesh, log=say, extra=extra, **static
+        )  # the first shape ahead of time; others lazily
         return step
 
     spec = LoopSpec(
@@ -179,12 +247,15 @@ def train_prefopt(cfg: PrefOptConfig, hooks: list[Any] = ()) -> dict[str, Any]:
         compile=compile_fn,
         flops_per_token=flops_per_token(mcfg, cfg.data.seq_len, reference_forward=ref_params is not None),
         tokens_per_step=2 * cfg.data.batch_size * cfg.data.seq_len,  # chosen and rejected rows
-        line=lambda m: (f"loss {m['loss']:.4f} margin {m['rewards/margin']:.3f} acc {m['rewards/accuracy']:.2f} "
-                        f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f} padding {m['padding']:.0%}"),
+        line=lambda m: (
+            f"loss {m['loss']:.4f} margin {m['rewards/margin']:.3f} acc {m['rewards/accuracy']:.2f} "
+            f"len {m['length/chosen']:.0f}/{m['length/rejected']:.0f} padding {m['padding']:.0%}"
+        ),
     )
     say(f"setup {time.time() - t_setup:.1f}s")
-    out = run_loop(spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=env["graphdef"],
-                   hooks=hooks)
+    out = run_loop(
+        spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=env["graphdef"], hooks=hooks
+    )
     out["cache_key"] = env["cache_key"]
     out["n_pairs"] = len(env["pairs"])
     if not out["preempted"]:
@@ -200,5 +271,6 @@ def ref_logps_command(cfg: PrefOptConfig) -> tuple[np.ndarray, Any, bool]:
     ct = ChatTokenizer.from_config(run.tokenizer, cfg.data)
     pairs = drop_unfit_pairs(pairs, ct, cfg.data.seq_len, log=say)
     logps, where, _, hit = _cached_ref_logps(
-        cfg, run, pairs, ct, lambda: _load_reference(cfg, reference_location(cfg, run), run.mesh))
+        cfg, run, pairs, ct, lambda: _load_reference(cfg, reference_location(cfg, run), run.mesh)
+    )
     return logps, where, hit

@@ -48,9 +48,9 @@ from etils import epath
 from safer_jax.data.pairs import StepPair
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.tokenize import ChatTokenizer
+from safer_jax.distributed import check_same, from_process_0
 from safer_jax.paths import as_path, write_atomic
 from safer_jax.sharding import shard_batch
-from safer_jax.distributed import check_same, from_process_0
 from safer_jax.training.preference import check_pair_rows, pair_layout, pair_span_logps
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
@@ -94,8 +94,7 @@ def file_digest(path: Path, memo_file: epath.Path | None = None) -> str:
     return digest
 
 
-def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None
-                          ) -> str:
+def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo_file: epath.Path | None = None) -> str:
     """Digest of the reference's weight and config files (one GGUF file, or the folder's)."""
     from safer_jax.hub import resolve_path
 
@@ -103,8 +102,13 @@ def reference_fingerprint(folder: str | Path, gguf_file: str | None = None, memo
     if gguf_file:
         files = [folder / gguf_file]
     else:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                       and not p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab")))
+        files = sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file()
+            and p.suffix in WEIGHT_SUFFIXES
+            and not p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab"))
+        )
     if not files:
         raise FileNotFoundError(f"{folder}: no weight files to fingerprint the reference")
     return _sha("\n".join(f"{p.name}:{file_digest(p, memo_file)}" for p in files).encode())
@@ -137,16 +141,33 @@ def tokenization_fingerprint(ct: ChatTokenizer, seq_len: int) -> str:
     tok = ct.tok
     backend = getattr(tok, "backend_tokenizer", None)
     serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    settings = {"chat_template": tok.chat_template, "template": template_settings(ct), "seq_len": seq_len,
-                "special": tok.all_special_tokens}
+    settings = {
+        "chat_template": tok.chat_template,
+        "template": template_settings(ct),
+        "seq_len": seq_len,
+        "special": tok.all_special_tokens,
+    }
     return _sha(serial.encode() + json.dumps(settings, sort_keys=True, default=str).encode())
 
 
-def compute_settings(*, dtype: str, param_dtype: str | None, attention: str, span: str, ld_alpha: float,
-                     ld_reference: bool, salt: str = CACHE_SALT) -> dict[str, Any]:
+def compute_settings(
+    *,
+    dtype: str,
+    param_dtype: str | None,
+    attention: str,
+    span: str,
+    ld_alpha: float,
+    ld_reference: bool,
+    salt: str = CACHE_SALT,
+) -> dict[str, Any]:
     """The settings of the reference forward that change its numbers (see the module docstring)."""
-    out: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype or dtype, "attention": attention,
-                           "span": span, "salt": salt}
+    out: dict[str, Any] = {
+        "dtype": dtype,
+        "param_dtype": param_dtype or dtype,
+        "attention": attention,
+        "span": span,
+        "salt": salt,
+    }
     if ld_reference and ld_alpha != 1.0:
         out["ld_alpha"] = float(ld_alpha)
     return out
@@ -160,13 +181,22 @@ def cache_key(pairs_fp: str, tok_fp: str, ref_fp: str, compute_fp: str = "") -> 
     return _sha(f"pairs:{pairs_fp}|tokenization:{tok_fp}|reference:{ref_fp}|compute:{compute_fp}".encode())[:24]
 
 
-def reference_fingerprints(pairs: Sequence[StepPair], ct: ChatTokenizer, *, seq_len: int,
-                           reference: tuple[str, str | None], settings: dict[str, Any],
-                           memo_file: Path | None = None) -> tuple[str, dict[str, Any]]:
+def reference_fingerprints(
+    pairs: Sequence[StepPair],
+    ct: ChatTokenizer,
+    *,
+    seq_len: int,
+    reference: tuple[str, str | None],
+    settings: dict[str, Any],
+    memo_file: Path | None = None,
+) -> tuple[str, dict[str, Any]]:
     """(cache key, its parts) for these pairs, tokenization, reference weights and compute settings."""
-    fps: dict[str, Any] = {"pairs": pairs_fingerprint(pairs), "tokenization": tokenization_fingerprint(ct, seq_len),
-                           "reference": reference_fingerprint(reference[0], reference[1], memo_file),
-                           "compute": compute_fingerprint(settings)}
+    fps: dict[str, Any] = {
+        "pairs": pairs_fingerprint(pairs),
+        "tokenization": tokenization_fingerprint(ct, seq_len),
+        "reference": reference_fingerprint(reference[0], reference[1], memo_file),
+        "compute": compute_fingerprint(settings),
+    }
     key = cache_key(fps["pairs"], fps["tokenization"], fps["reference"], fps["compute"])
     return key, {**fps, "settings": settings}
 
@@ -191,17 +221,23 @@ def check_resumed_reference(run_dir: str | os.PathLike, key: str, parts: dict[st
         try:
             old = json.loads(f.read_text())
         except json.JSONDecodeError as e:
-            raise ReferenceChanged(f"{f}: unreadable reference record ({e}); cannot check the resumed "
-                                   "run's reference") from None
+            raise ReferenceChanged(
+                f"{f}: unreadable reference record ({e}); cannot check the resumed run's reference"
+            ) from None
         if old.get("key") != key:
             changed = sorted(k for k in ("pairs", "tokenization", "reference", "compute") if old.get(k) != parts.get(k))
             was, now = old.get("settings", {}), parts.get("settings", {})
-            diffs = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
-                     if was.get(k) != now.get(k)]
+            diffs = [
+                f"{k}: {was.get(k)!r} -> {now.get(k)!r}"
+                for k in sorted(set(was) | set(now))
+                if was.get(k) != now.get(k)
+            ]
             raise ReferenceChanged(
                 f"{run_dir} resumes a preference run whose reference changed: {', '.join(changed) or 'key'} "
-                f"differ from {f}" + (f" ({'; '.join(diffs)})" if diffs else "")
-                + ". Resume with the original reference, pairs, tokenizer and settings, or start a new run folder.")
+                f"differ from {f}"
+                + (f" ({'; '.join(diffs)})" if diffs else "")
+                + ". Resume with the original reference, pairs, tokenizer and settings, or start a new run folder."
+            )
         return
     if jax.process_index() == 0:
         write_atomic(f, json.dumps(record, indent=2).encode())
@@ -240,9 +276,19 @@ class RefLogpCache:
         return final
 
 
-def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair], ct: ChatTokenizer, *,
-                      seq_len: int, batch_size: int, mesh: Any = None, chunk: int = 512, ld_alpha: float = 1.0,
-                      log: Any = print) -> np.ndarray:
+def compute_ref_logps(
+    ref_params: Any,
+    graphdef: Any,
+    pairs: Sequence[StepPair],
+    ct: ChatTokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    mesh: Any = None,
+    chunk: int = 512,
+    ld_alpha: float = 1.0,
+    log: Any = print,
+) -> np.ndarray:
     """`[N, 2]` span log-prob sums of (chosen, rejected) under `ref_params`, in pair order.
 
     Every process feeds its share of the pairs; the last batch is padded with repeats of the
@@ -250,8 +296,14 @@ def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair],
     """
     n_proc, global_bs = jax.process_count(), batch_size
     padded = list(pairs) + [pairs[-1]] * ((-len(pairs)) % global_bs)
-    cfg = PipelineConfig(seq_len=seq_len, batch_size=global_bs // n_proc, shuffle=False, num_epochs=1,
-                         process_index=jax.process_index(), process_count=n_proc)
+    cfg = PipelineConfig(
+        seq_len=seq_len,
+        batch_size=global_bs // n_proc,
+        shuffle=False,
+        num_epochs=1,
+        process_index=jax.process_index(),
+        process_count=n_proc,
+    )
     # rows arrive as per-process blocks (chosen, rejected); pair_layout makes them one chosen block
     # and one rejected block, as the training step sees them (LD-DPO weighting pairs row i with B + i)
     fn = jax.jit(lambda p, b: pair_span_logps(p, graphdef, pair_layout(b, 1, n_proc), chunk, ld_alpha)[0])
@@ -272,35 +324,61 @@ def compute_ref_logps(ref_params: Any, graphdef: Any, pairs: Sequence[StepPair],
         out[index, 0], out[index, 1] = lp[0], lp[1]
         if (i + 1) % 10 == 0 or i + 1 == n_batches:
             el = time.time() - t0
-            log(f"reference log-probs: batch {i + 1}/{n_batches} ({el:.0f}s, ETA {el / (i + 1) * (n_batches - i - 1):.0f}s)")
+            log(
+                f"reference log-probs: batch {i + 1}/{n_batches} ({el:.0f}s, ETA {el / (i + 1) * (n_batches - i - 1):.0f}s)"
+            )
     out = out[: len(pairs)]
     if not np.isfinite(out).all():
         raise RuntimeError("reference log-probs missing for some pairs (pipeline and pair count disagree)")
     return out
 
 
-def ensure_ref_logps(cache: RefLogpCache, pairs: Sequence[StepPair], ct: ChatTokenizer, *, seq_len: int,
-                     ld_alpha: float, reference: tuple[str, str | None], load_reference: Any, batch_size: int,
-                     mesh: Any = None, chunk: int = 512, log: Any = print, dtype: str = "float32",
-                     param_dtype: str | None = None, attention: str = "xla", span: str = "step",
-                     ld_reference: bool = True, salt: str = CACHE_SALT, keyed: tuple[str, dict] | None = None
-                     ) -> tuple[np.ndarray, str, bool]:
+def ensure_ref_logps(
+    cache: RefLogpCache,
+    pairs: Sequence[StepPair],
+    ct: ChatTokenizer,
+    *,
+    seq_len: int,
+    ld_alpha: float,
+    reference: tuple[str, str | None],
+    load_reference: Any,
+    batch_size: int,
+    mesh: Any = None,
+    chunk: int = 512,
+    log: Any = print,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    attention: str = "xla",
+    span: str = "step",
+    ld_reference: bool = True,
+    salt: str = CACHE_SALT,
+    keyed: tuple[str, dict] | None = None,
+) -> tuple[np.ndarray, str, bool]:
     """(ref log-probs `[N, 2]`, cache key, whether it was a cache hit). On a miss,
     `load_reference()` gives (graphdef, params) of the reference, then the forward runs once.
     `keyed`: the (key, parts) of `reference_fingerprints`, when the caller already has them."""
     t0 = time.time()
-    settings = compute_settings(dtype=dtype, param_dtype=param_dtype, attention=attention, span=span,
-                                ld_alpha=ld_alpha, ld_reference=ld_reference, salt=salt)
-    key, fps = keyed or reference_fingerprints(pairs, ct, seq_len=seq_len, reference=reference, settings=settings,
-                                               memo_file=cache.memo_file)
+    settings = compute_settings(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        attention=attention,
+        span=span,
+        ld_alpha=ld_alpha,
+        ld_reference=ld_reference,
+        salt=salt,
+    )
+    key, fps = keyed or reference_fingerprints(
+        pairs, ct, seq_len=seq_len, reference=reference, settings=settings, memo_file=cache.memo_file
+    )
     # hit or miss is decided once: process 0 reads the cache and every process follows it (a
     # process that recomputed alone would wait forever in the reference forward's collectives)
     check_same(key, "the reference log-prob cache key (pairs, tokenizer, reference weights, settings)")
     hit = cache.load(key, len(pairs)) if jax.process_index() == 0 else None
     hit_agreed = bool(from_process_0(hit is not None))
     if jax.process_count() > 1:  # in every worker's own log: all of them follow process 0
-        print(f"[process {jax.process_index()}] reference log-probs: cache {'hit' if hit_agreed else 'miss'}",
-              flush=True)
+        print(
+            f"[process {jax.process_index()}] reference log-probs: cache {'hit' if hit_agreed else 'miss'}", flush=True
+        )
     if hit_agreed:
         if jax.process_count() > 1:  # the values travel from process 0: other hosts' caches may lack them
             from jax.experimental import multihost_utils
@@ -311,12 +389,31 @@ def ensure_ref_logps(cache: RefLogpCache, pairs: Sequence[StepPair], ct: ChatTok
         return hit, key, True
     log(f"reference log-probs: computing {len(pairs)} pairs into {cache.path(key)}")
     graphdef, params = load_reference()
-    logps = compute_ref_logps(params, graphdef, pairs, ct, seq_len=seq_len, batch_size=batch_size, mesh=mesh,
-                              chunk=chunk, ld_alpha=ld_alpha if ld_reference else 1.0, log=log)
+    logps = compute_ref_logps(
+        params,
+        graphdef,
+        pairs,
+        ct,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mesh=mesh,
+        chunk=chunk,
+        ld_alpha=ld_alpha if ld_reference else 1.0,
+        log=log,
+    )
     if jax.process_index() == 0:
-        cache.save(key, logps, {**fps, "n_pairs": len(pairs), "reference_path": str(reference[0]),
-                                "reference_gguf_file": reference[1], "seq_len": seq_len,
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        cache.save(
+            key,
+            logps,
+            {
+                **fps,
+                "n_pairs": len(pairs),
+                "reference_path": str(reference[0]),
+                "reference_gguf_file": reference[1],
+                "seq_len": seq_len,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -95,15 +95,23 @@ def build_run(cfg: Any, texts: Any = (), *, train: bool = True, load_model: bool
     location = resolve_model_path(cfg.model, run_dir, texts)
     model = None
     if load_model:
-        model = from_pretrained(location[0], gguf_file=location[1], dtype=cfg.model.dtype,
-                                param_dtype=cfg.model.param_dtype, mesh=mesh, remat=cfg.model.remat,
-                                scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
+        model = from_pretrained(
+            location[0],
+            gguf_file=location[1],
+            dtype=cfg.model.dtype,
+            param_dtype=cfg.model.param_dtype,
+            mesh=mesh,
+            remat=cfg.model.remat,
+            scan_layers=cfg.model.scan_layers,
+            attention=cfg.model.attention,
+        )
     tok = load_tokenizer(cfg.data.tokenizer or location[0], None if cfg.data.tokenizer else location[1], run_dir)
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, model=model, tokenizer=tok, model_location=location)
     if train:
         tc = cfg.train
-        run.checkpoints = CheckpointManager(run_dir / "checkpoints", keep=tc.keep_checkpoints,
-                                            async_save=tc.async_checkpoint)
+        run.checkpoints = CheckpointManager(
+            run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint
+        )
         run.start_step = agree(run.checkpoints.latest_step() or 0, "resume step")
         run.tracker = Tracker(run_dir, enabled=jax.process_index() == 0, tensorboard=tc.tensorboard)
     return run
@@ -116,8 +124,12 @@ def write_run_files(run_dir: str | os.PathLike, cfg: Any) -> None:
     run_dir = as_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    versions = {"python": platform.python_version(), "backend": jax.default_backend(),
-                "devices": len(jax.devices()), "processes": jax.process_count()}
+    versions = {
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "processes": jax.process_count(),
+    }
     for p in PACKAGES:
         try:
             versions[p] = importlib.metadata.version(p)
@@ -172,12 +184,13 @@ def check_batch(cfg: Any, mesh: Any) -> None:
     n_proc = jax.process_count()
     bs, accum = cfg.data.batch_size, cfg.train.grad_accum
     if bs % (n_proc * accum):
-        raise ValueError(f"data.batch_size={bs} must be divisible by processes ({n_proc}) x "
-                         f"train.grad_accum ({accum})")
+        raise ValueError(f"data.batch_size={bs} must be divisible by processes ({n_proc}) x train.grad_accum ({accum})")
     batch_ways = sharding_batch_ways(mesh)
     if bs % batch_ways or (bs // accum) % batch_ways:
-        msg = (f"data.batch_size={bs} (and each of train.grad_accum={accum} microbatches) is not divisible by "
-               f"mesh dcn x data x fsdp = {batch_ways}")
+        msg = (
+            f"data.batch_size={bs} (and each of train.grad_accum={accum} microbatches) is not divisible by "
+            f"mesh dcn x data x fsdp = {batch_ways}"
+        )
         if n_proc > 1:  # each process feeds distinct rows: the batch must split over the batch axes
             raise ValueError(msg)
         log.warning("%s: the batch is replicated over those axes (correct, but every device computes it all)", msg)

@@ -52,8 +52,7 @@ def _split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-def accumulate_grads(loss_fn: Any, params: Any, batch: dict[str, jax.Array], accum: int
-                     ) -> tuple[jax.Array, Any, Any]:
+def accumulate_grads(loss_fn: Any, params: Any, batch: dict[str, jax.Array], accum: int) -> tuple[jax.Array, Any, Any]:
     """(loss sum, aux, gradient of the loss sum), loss, aux and gradient summed over `accum` microbatches.
 
     `loss_fn(params, microbatch) -> (loss sum, aux)`, aux a pytree of sums (token counts,
@@ -66,8 +65,8 @@ def accumulate_grads(loss_fn: Any, params: Any, batch: dict[str, jax.Array], acc
     micro = _split_micro(batch, accum)
 
     def body(carry, mb):
-        (l, a), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+        (loss, a), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (loss, a, g)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     out_shape, _ = jax.eval_shape(grad_fn, params, first)  # (loss sum, aux)
@@ -76,16 +75,25 @@ def accumulate_grads(loss_fn: Any, params: Any, batch: dict[str, jax.Array], acc
     return total, aux, grads
 
 
-def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, skip: jax.Array
-                    ) -> TrainState:
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, skip: jax.Array) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
-    return TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state))
+    return TrainState(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+    )
 
 
-def sft_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any, tx: optax.GradientTransformation,
-             accum: int = 1, chunk: int = 512, skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+def sft_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    accum: int = 1,
+    chunk: int = 512,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     loss_fn = functools.partial(sft_loss, graphdef=graphdef, chunk=chunk)
     total, denom, grads = accumulate_grads(lambda p, b: loss_fn(p, batch=b), state.params, batch, accum)
     denom = jnp.maximum(denom, 1.0)
@@ -107,8 +115,15 @@ def batch_shardings(mesh: Mesh | None, batch_shapes: dict[str, tuple[int, ...]])
     return {k: named_sharding(mesh, ("batch",) + (None,) * (len(s) - 1), s) for k, s in batch_shapes.items()}
 
 
-def compile_step(step_fn: Any, state: TrainState, batch: dict[str, jax.Array], mesh: Mesh | None,
-                 log: Any = print, extra: tuple[Any, ...] = (), **static: Any) -> Any:
+def compile_step(
+    step_fn: Any,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    mesh: Mesh | None,
+    log: Any = print,
+    extra: tuple[Any, ...] = (),
+    **static: Any,
+) -> Any:
     """Jit with explicit in/out shardings and state donation; compile ahead of time; log memory.
 
     `extra` are further arguments (a frozen reference's parameters), passed after the batch,
@@ -118,14 +133,20 @@ def compile_step(step_fn: Any, state: TrainState, batch: dict[str, jax.Array], m
     b_sh = batch_shardings(mesh, {k: v.shape for k, v in batch.items()})
     e_sh = tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
     rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(functools.partial(step_fn, **static), in_shardings=(s_sh, b_sh, *e_sh), out_shardings=(s_sh, rep),
-                 donate_argnums=(0,))
+    fn = jax.jit(
+        functools.partial(step_fn, **static),
+        in_shardings=(s_sh, b_sh, *e_sh),
+        out_shardings=(s_sh, rep),
+        donate_argnums=(0,),
+    )
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
     compiled = fn.lower(state, abstract_batch, *extra).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
         gib = 2**30
-        log(f"compiled step: arguments {mem.argument_size_in_bytes / gib:.3f} GiB, outputs "
+        log(
+            f"compiled step: arguments {mem.argument_size_in_bytes / gib:.3f} GiB, outputs "
             f"{mem.output_size_in_bytes / gib:.3f} GiB, temporaries {mem.temp_size_in_bytes / gib:.3f} GiB "
-            f"(per device)")
+            f"(per device)"
+        )
     return compiled

@@ -25,8 +25,6 @@ from safer_jax.training.run import build_run
 from safer_jax.training.sft import compile_step, init_state, sft_loss, sft_step
 
 
-
-
 def setup(cfg: SFTConfig) -> dict[str, Any]:
     """Everything a run needs before its first step (shared by `train_sft` and tests)."""
     rules = load_rules(cfg.data.rules)
@@ -40,24 +38,40 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     mesh = run.mesh
     ct = ChatTokenizer.from_config(run.tokenizer, cfg.data)
     n_proc = jax.process_count()
-    pcfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, seed=cfg.data.seed,
-                          packing_bins=cfg.data.packing_bins, process_index=jax.process_index(),
-                          process_count=n_proc)
+    pcfg = PipelineConfig(
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size // n_proc,
+        seed=cfg.data.seed,
+        packing_bins=cfg.data.packing_bins,
+        process_index=jax.process_index(),
+        process_count=n_proc,
+    )
     stats = TruncationStats()
     train_iter = iter(sft_dataset(traces, ct, pcfg, stats=stats, pack=cfg.data.pack))
     eval_ds = None
     if cfg.data.eval:
         eval_traces = load_traces(cfg.data.eval, rules, fmt, skip_invalid=cfg.data.skip_invalid)
         # repeating and unshuffled: every process draws the same number of batches (no multi-host hang)
-        eval_ds = sft_dataset(eval_traces, ct, PipelineConfig(
-            seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n_proc, shuffle=False, num_epochs=None,
-            process_index=jax.process_index(), process_count=n_proc), pack=cfg.data.pack)
+        eval_ds = sft_dataset(
+            eval_traces,
+            ct,
+            PipelineConfig(
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.data.batch_size // n_proc,
+                shuffle=False,
+                num_epochs=None,
+                process_index=jax.process_index(),
+                process_count=n_proc,
+            ),
+            pack=cfg.data.pack,
+        )
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, params = nnx.split(run.model)
     mcfg, run.model = run.model.config, None  # the state holds the weights from here on
     state = init_state(params, tx, mesh)
-    return dict(run=run, mcfg=mcfg, graphdef=graphdef, state=state, tx=tx,
-                train_iter=train_iter, eval_ds=eval_ds, stats=stats)
+    return dict(
+        run=run, mcfg=mcfg, graphdef=graphdef, state=state, tx=tx, train_iter=train_iter, eval_ds=eval_ds, stats=stats
+    )
 
 
 def _eval_loss(eval_fn: Any, state: Any, eval_ds: Any, mesh: Any, max_batches: int) -> float:
@@ -75,8 +89,9 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     t_setup = time.time()
     env = setup(cfg)
     tc, mesh, graphdef, mcfg = cfg.train, env["run"].mesh, env["graphdef"], env["mcfg"]
-    static = dict(graphdef=graphdef, tx=env["tx"], accum=tc.grad_accum, chunk=tc.loss_chunk,
-                  skip_nonfinite=tc.on_nan == "skip")
+    static = dict(
+        graphdef=graphdef, tx=env["tx"], accum=tc.grad_accum, chunk=tc.loss_chunk, skip_nonfinite=tc.on_nan == "skip"
+    )
     evaluate = None
     if env["eval_ds"] is not None and tc.eval_every:
         eval_fn = jax.jit(lambda p, b: sft_loss(p, graphdef, b, tc.loss_chunk))
@@ -91,8 +106,9 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
         rename={"tokens": "loss_tokens"},
     )
     say(f"setup {time.time() - t_setup:.1f}s")
-    out = run_loop(spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=graphdef,
-                   hooks=hooks)
+    out = run_loop(
+        spec, env["run"], state=env.pop("state"), train_iter=env["train_iter"], graphdef=graphdef, hooks=hooks
+    )
     if not out["preempted"]:
         say(env["stats"].summary())
     return out
