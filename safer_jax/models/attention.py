@@ -17,6 +17,10 @@ Backends:
   segment ids, grouped-query heads as its MQA kernel vmapped over kv heads. On CPU it runs in
   Pallas interpret mode (tests), never for speed.
 
+On XLA:CPU with one device the decoder passes `cpu_layout=True`: the `xla` backend's values
+with a hand-written backward whose products need no transposed copy of the `[G*T, S]`
+scores (`_cpu_attention_bwd`; the profile in docs/benchmarks.md).
+
 The fused backends serve the training and prefill forward (`T == S`, index = position in
 the row, as `Decoder.hidden_states` passes it); a KV-cache decode step (`T != S`) runs the
 `xla` path whatever the backend.
@@ -85,6 +89,68 @@ def _xla_attention(q, k, v, inp: AttentionInputs):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def _grouped(x: jax.Array, kv: int) -> jax.Array:
+    """`[B, T, N, H]` -> `[B, K, G*T, H]`: each kv head's query group as one row block."""
+    b, t, n, h = x.shape
+    return x.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, h)
+
+
+def _ungrouped(x: jax.Array, t: int) -> jax.Array:
+    """`[B, K, G*T, H]` -> `[B, T, N, H]` (inverse of `_grouped`)."""
+    b, kv, gt, h = x.shape
+    return x.reshape(b, kv, gt // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * (gt // t), h)
+
+
+def _cpu_parts(q, k, v, mask):
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qg, kt, vt = _grouped(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,GT,H], [B,K,S,H] x2
+    m = jnp.broadcast_to(mask[:, None, None], (b, 1, n // kv, t, mask.shape[-1])).reshape(b, 1, n // kv * t, -1)
+    scores = jnp.einsum("BKMH,BKSH->BKMS", qg, kt, preferred_element_type=acc) * (h**-0.5)  # [B, K, G*T, S]
+    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(acc).min), axis=-1).astype(v.dtype)
+    out = _ungrouped(jnp.einsum("BKMS,BKSH->BKMH", probs, vt), t)
+    return out, (qg, kt, vt, probs, m)
+
+
+@jax.custom_vjp
+def _cpu_attention_core(q, k, v, mask):
+    return _cpu_parts(q, k, v, mask)[0]
+
+
+def _cpu_attention_fwd(q, k, v, mask):
+    return _cpu_parts(q, k, v, mask)
+
+
+def _cpu_attention_bwd(res, dout):
+    """The softmax-attention backward with every product in a form YNNPACK takes as it is: the
+    key and value gradients as `q^T @ dS` and `dO^T @ P` with the small `[H, G*T]` sides
+    written transposed, where autodiff's form makes XLA:CPU write the `[G*T, S]` score
+    gradient and probabilities transposed."""
+    qg, kt, vt, probs, m = res
+    t, h = dout.shape[1], qg.shape[-1]
+    acc = jnp.promote_types(qg.dtype, jnp.float32)
+    do = _grouped(dout, kt.shape[1])  # [B, K, G*T, H]
+    dp = jnp.einsum("BKMH,BKSH->BKMS", do, vt, preferred_element_type=acc)
+    pf = probs.astype(acc)
+    ds = jnp.where(m, pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True)), 0) * (h**-0.5)
+    ds = ds.astype(qg.dtype)  # [B, K, G*T, S]
+    dq = _ungrouped(jnp.einsum("BKMS,BKSH->BKMH", ds, kt), t)
+    qt = jax.lax.optimization_barrier(qg.transpose(0, 1, 3, 2))  # [B, K, H, G*T]
+    dot = jax.lax.optimization_barrier(do.transpose(0, 1, 3, 2))
+    dk = jnp.einsum("BKHM,BKMS->BKHS", qt, ds).transpose(0, 3, 1, 2)  # [B, S, K, H]
+    dv = jnp.einsum("BKHM,BKMS->BKHS", dot, probs).transpose(0, 3, 1, 2)
+    return dq.astype(qg.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), None
+
+
+_cpu_attention_core.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
+
+
+def _cpu_attention(q, k, v, inp: AttentionInputs):
+    """The `xla` backend's values with a hand-written backward laid out for XLA:CPU (one device)."""
+    return _cpu_attention_core(q, k, v, inp.mask())
 
 
 def _jax_attention(q, k, v, inp: AttentionInputs):
@@ -199,8 +265,10 @@ def attention(
     kv_index: jax.Array,
     window: jax.Array | int = 0,
     backend: str = "xla",
+    cpu_layout: bool = False,
 ) -> jax.Array:
-    """Grouped-query attention `[B, T, N, H]`; K must divide N."""
+    """Grouped-query attention `[B, T, N, H]`; K must divide N. `cpu_layout` (XLA:CPU, one
+    device) runs the `xla` backend with the backward of `_cpu_attention_bwd`."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
     if backend in FUSED and q.shape[1] != k.shape[1]:
@@ -208,4 +276,6 @@ def attention(
     if backend in ("cudnn", "cudnn_rows"):
         require_hardware(backend)  # the splash backend may run in interpret mode on CPU (tests)
     inp = AttentionInputs(q_segment_ids, kv_segment_ids, q_index, kv_index, window)
+    if backend == "xla" and cpu_layout:
+        return _cpu_attention(q, k, v, inp)
     return ATTENTION_BACKENDS[backend](q, k, v, inp)

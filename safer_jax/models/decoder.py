@@ -82,6 +82,56 @@ def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def _cpu_matmuls(mesh: Mesh | None) -> bool:
+    """Whether the block takes the XLA:CPU forms (`matmuls`, attention's `cpu_layout`): on CPU
+    with one device. Sharded meshes and accelerators keep plain einsums, whose transposes
+    their compilers fold into the matmuls."""
+    return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1)
+
+
+@jax.custom_vjp
+def matmuls(x: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """`x @ w` for each `w` of `ws`: x `[M, K]`, each w `[K, N_i]` -> `[M, N_i]`.
+
+    Same values as the einsums; the point is the backward on XLA:CPU. Autodiff's weight
+    gradient `x^T @ g` contracts the major axis of both activations, and XLA:CPU then writes
+    each `g` (`[M, N_i]`, the larger side) transposed and runs an Eigen dot. Here `x^T` is
+    written once (the smaller side, shared by every weight of the group) and each weight
+    gradient is a plain `[K, M] x [M, N_i]` product, which YNNPACK takes as it is.
+    """
+    return tuple(x @ w for w in ws)
+
+
+def _matmuls_fwd(x, ws):
+    return matmuls(x, ws), (x, ws)
+
+
+def _matmuls_bwd(res, gs):
+    x, ws = res
+    dx = sum(jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))) for g, w in zip(gs, ws, strict=True))  # [M, K]
+    xt = jax.lax.optimization_barrier(x.T)  # [K, M] written once, not folded back into the dots
+    return dx.astype(x.dtype), tuple((xt @ g).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
+
+
+matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
+
+
+def project(x: jax.Array, ws: tuple[jax.Array, ...], mesh: Mesh | None, in_dims: int = 1) -> tuple[jax.Array, ...]:
+    """`x [B, T, *in]` times each `w [*in, *out_i]` over the `in_dims` input axes -> `[B, T, *out_i]`."""
+    if not _cpu_matmuls(mesh):
+        letters = "abcdefgh"
+        ins = letters[:in_dims]
+        out = []
+        for w in ws:
+            outs = letters[in_dims : w.ndim]
+            out.append(jnp.einsum(f"BT{ins},{ins}{outs}->BT{outs}", x, w))
+        return tuple(out)
+    b, t = x.shape[:2]
+    k = int(np.prod(x.shape[2:]))
+    flat = matmuls(x.reshape(b * t, k), tuple(w.reshape(k, -1) for w in ws))
+    return tuple(y.reshape(b, t, *w.shape[in_dims:]) for y, w in zip(flat, ws, strict=True))
+
+
 def layer_qkv(
     cfg: DecoderConfig,
     mesh: Mesh | None,
@@ -96,9 +146,7 @@ def layer_qkv(
     compute exactly the same projections.
     """
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    q, k, v = project(h, (w["wq"], w["wk"], w["wv"]), mesh)
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     if cfg.qk_norm:
@@ -118,15 +166,15 @@ def layer_output(
     o: jax.Array,  # [B, T, N, H] attention output
 ) -> jax.Array:
     """The rest of one block after attention: output projection, residual, SwiGLU MLP."""
-    o = jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+    (o,) = project(o, (w["wo"],), mesh, in_dims=2)
     if cfg.o_bias:
         o = o + w["bo"]
     x = constrain(x + o, mesh, ("batch", "length", "act_embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("BTD,DF->BTF", h, w["w_gate"])
-    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
+    gate, up = project(h, (w["w_gate"], w["w_up"]), mesh)
     act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "length", "act_mlp"))
-    x = x + jnp.einsum("BTF,FD->BTD", act, w["w_down"])
+    (down,) = project(act, (w["w_down"],), mesh)
+    x = x + down
     return constrain(x, mesh, ("batch", "length", "act_embed"))
 
 
@@ -144,7 +192,8 @@ def layer_forward(
     """One pre-norm block: x + attn(norm(x)); x + swiglu(norm(x))."""
     w = {k: v.astype(x.dtype) for k, v in p.items()}
     q, k, v = layer_qkv(cfg, mesh, w, x, sin, cos)
-    o = attention(q, k, v, segment_ids, segment_ids, index, index, window, cfg.attention)
+    cpu = _cpu_matmuls(mesh)
+    o = attention(q, k, v, segment_ids, segment_ids, index, index, window, cfg.attention, cpu_layout=cpu)
     return layer_output(cfg, mesh, w, x, o)
 
 
