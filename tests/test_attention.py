@@ -112,8 +112,9 @@ def test_decoder_with_splash_matches_xla(tmp_path):
 
 def test_cpu_layout_backward_equals_autodiff_float64():
     """The XLA:CPU forms (`matmuls`' and `_cpu_attention`'s hand-written backward, what one-device
-    CPU runs take) give the einsum path's loss and gradients: a two-layer decoder with packed
-    rows, padding and a sliding window, float64, against the same model with them switched off."""
+    CPU runs take) give the einsum path's loss and gradients: a two-layer decoder (one layer
+    with a sliding window) on packed rows with padding, float64, against the same model with
+    them switched off."""
     import dataclasses
 
     from flax import nnx
@@ -122,20 +123,8 @@ def test_cpu_layout_backward_equals_autodiff_float64():
     from safer_jax.bench.shapes import SHAPES
     from safer_jax.models import Decoder, from_hf_config
 
-    q, k, v, seg, idx = _packed()
-    ct = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape))
+    seg = _packed()[3]
     with jax.enable_x64(True):
-        q, k, v, ct = (x.astype(jnp.float64) for x in (q, k, v, ct))
-        for window in (0, 33):
-
-            def f(q, k, v, cpu, window=window):
-                return jnp.sum(ct * attention(q, k, v, seg, seg, idx, idx, window, "xla", cpu_layout=cpu))
-
-            got = jax.jit(jax.value_and_grad(lambda *a: f(*a, True), argnums=(0, 1, 2)))(q, k, v)
-            want = jax.jit(jax.value_and_grad(lambda *a: f(*a, False), argnums=(0, 1, 2)))(q, k, v)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
-
         cfg = from_hf_config(dict(SHAPES["tiny"]), where="test", dtype="float64", param_dtype="float64")
         cfg = dataclasses.replace(cfg, scan_layers=False, sliding_windows=(16, 0))
         with nnx.use_eager_sharding(False):
