@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from xla_flags import xla_flags
 
 from safer_jax.demo import STAGES, plan_for
 
@@ -14,7 +15,7 @@ from safer_jax.demo import STAGES, plan_for
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo") / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     t0 = time.time()
     r = subprocess.run(
         [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
@@ -61,7 +62,7 @@ def test_quick_demo_writes_every_artifact(quick_run):
 
 def test_rerun_resumes_without_redoing_stages(quick_run):
     d, _ = quick_run
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     before = json.loads((d / "demo_state.json").read_text())
     r = subprocess.run(
         [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
