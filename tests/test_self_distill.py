@@ -135,3 +135,33 @@ def test_nucleus_pick_keeps_to_the_nucleus():
     assert set(self_distill._pick(logits, 1.0, 0.4, gen).tolist()) == {0}  # the top token always stays
     drawn = self_distill._pick(logits, 1.0, 0.7, gen).tolist()  # nucleus {0, 1}
     assert set(drawn) == {0, 1} and 0.5 < drawn.count(0) / 400 < 0.75  # 0.5 / 0.8 = 0.625
+
+
+def test_cli_rejection_samples_only_the_unfit_prompts(tmp_path, monkeypatch):
+    from safer_jax import cli
+
+    answered = []
+
+    def run(prompts, n, **kw):
+        for j, ids in enumerate(prompts):
+            answered.append("".join(map(chr, ids)))
+            yield j, [ord(c) for c in "A sampled answer."], "stop"
+
+    monkeypatch.setattr(self_distill, "_load", lambda *a: (_Tok(), run))
+    monkeypatch.setattr(generate, "chat_prompt_ids", lambda tok, row: [ord(c) for c in row["prompt"]])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": i + "?", "label": "benign"}) + "\n" for i in "ab"))
+    greedy = tmp_path / "greedy.jsonl"
+    greedy.write_text(
+        json.dumps({"id": "a", "response": "Greedy.", "finish_reason": "stop"})
+        + "\n"
+        + json.dumps({"id": "b", "response": "Cut", "finish_reason": "length"})
+        + "\n"
+    )
+    filter_file(greedy, tmp_path / "greedy.fit.jsonl")
+    args = ["distill-responses", "--prompts", str(prompts), "--out", str(tmp_path / "samples.jsonl")]
+    args += ["--temperature", "0.7", "--num-samples", "2", "--skip-ids", str(tmp_path / "greedy.fit.jsonl")]
+    args += ["--prefer", str(greedy), "--filtered", str(tmp_path / "fit.jsonl")]
+    assert cli.main(args) == 0
+    assert answered == ["b?", "b?"]  # the fit greedy answer is not sampled again
+    assert load_responses(tmp_path / "fit.jsonl") == {"a": "Greedy.", "b": "A sampled answer."}
