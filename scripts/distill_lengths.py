@@ -4,7 +4,9 @@
 
 Per training prompt, "training" is the bundled trace's final response and "base greedy" is the base
 model's greedy answer in `smollm2_answers.jsonl` (512-token budget; an answer cut there counts with
-its 512 tokens, a lower bound of its length). Rows: every prompt of the label; the prompts whose
+its 512 tokens, a lower bound of its length); "320 tokens" is the first pass of the same greedy answers,
+cut at 320 new tokens as issue 15 measured the base model (and as `safer-jax evaluate` does by
+default: greedy, 320 new tokens, a cut answer counted as it stands). Rows: every prompt of the label; the prompts whose
 greedy answer passed the filter (training = that answer, so the ratio is 1 by construction); the
 others (training = the first fit rejection sample from `smollm2_samples.jsonl`, else the template
 reference). Words are whitespace-split; `--tokens` adds SmolLM2 tokens.
@@ -36,9 +38,16 @@ def main() -> None:
         t["id"]: t for t in map(json.loads, bundled("train_traces.jsonl").read_text().splitlines()) if t.get("id")
     }
     greedy = {r["id"]: r for r in _previous(bundled("smollm2_answers.jsonl")).values()}
+    first: dict[str, dict] = {}  # the first pass (320 tokens): the first line per id
+    for line in bundled("smollm2_answers.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        first.setdefault(r["id"], r)
     fit = load_responses(bundled("smollm2_answers.fit.jsonl"))
-    print("| training prompts | n | unit | training response | base greedy answer | training / base |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| training prompts | n | unit | training response | base greedy, 512 tokens | training / base "
+        "| base greedy, 320 tokens | training / base |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label in ("benign", "borderline"):
         ids = sorted(k for k, t in traces.items() if t["label"] == label and k in greedy)
         g_fit = [k for k in ids if drop_reason(greedy[k]) is None]
@@ -57,7 +66,11 @@ def main() -> None:
             for unit, fn in count:
                 t = statistics.fmean(fn(traces[k]["response"]) for k in group)
                 b = statistics.fmean(fn(greedy[k]["response"]) for k in group)
-                print(f"| {label}: {name} | {len(group)} | {unit} | {t:.1f} | {b:.1f} | {t / b:.2f} |")
+                b320 = statistics.fmean(fn(first[k]["response"]) for k in group)
+                print(
+                    f"| {label}: {name} | {len(group)} | {unit} | {t:.1f} | {b:.1f} | {t / b:.2f} "
+                    f"| {b320:.1f} | {t / b320:.2f} |"
+                )
 
 
 if __name__ == "__main__":
