@@ -286,7 +286,7 @@ def _process_index() -> int:
 def cmd_distill_responses(args: argparse.Namespace) -> int:
     import json
 
-    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file
+    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file, load_responses
 
     labels = tuple(args.labels.split(",")) if args.labels else DISTILL_LABELS
     rows = []
@@ -301,6 +301,9 @@ def cmd_distill_responses(args: argparse.Namespace) -> int:
                     raise ValueError(f"{args.prompts}:{n}: a row needs 'id' and 'prompt'")
                 if row.get("label", labels[0]) in labels:
                     rows.append(row)
+    if args.skip_ids:
+        skip = set(load_responses(args.skip_ids))
+        rows = [r for r in rows if str(r["id"]) not in skip]
     i, n = (int(x) for x in args.shard.split("/"))
     answer_prompts(
         rows[i::n],
@@ -311,9 +314,13 @@ def cmd_distill_responses(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         threads=args.threads,
         redo_cut=args.redo_cut,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        seed=args.seed,
     )
     if args.filtered:
-        kept, dropped = filter_file(args.out, args.filtered)
+        kept, dropped = filter_file([*(args.prefer or []), args.out], args.filtered)
         print(f"kept {kept} answers in {args.filtered}, dropped {dropped} (reasons in {args.filtered}.dropped.jsonl)")
     return 0
 
@@ -539,6 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer again the rows cut at a smaller --max-new-tokens (their new answer replaces the old one)",
     )
     dr.add_argument("--shard", default="0/1", help="i/n: answer every n-th prompt from the i-th (parallel runs)")
+    dr.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: nucleus sampling")
+    dr.add_argument("--top-p", type=float, default=1.0)
+    dr.add_argument("--num-samples", type=int, default=1, help="samples per prompt (needs --temperature > 0)")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument(
+        "--skip-ids",
+        default=None,
+        help="JSONL {id, response}: prompts not to answer (e.g. the fit greedy answers, to rejection-sample the rest)",
+    )
+    dr.add_argument(
+        "--prefer",
+        action="append",
+        help="raw answers that come before --out as candidates for --filtered (e.g. the greedy pass); repeatable",
+    )
     dr.set_defaults(fn=cmd_distill_responses)
 
     mp = sub.add_parser("make-pairs", help="offline step pairs from traces by controlled corruption")
