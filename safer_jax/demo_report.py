@@ -300,7 +300,7 @@ def demo_markdown(data: dict[str, Any], plan: Any, quick: bool, base: EvalResult
         + (
             "came from the cache (computed once per machine and model)."
             if s["baseline"].get("cached")
-            else "was computed now and cached."
+            else "was computed now (a one-time cost per machine and model, outside the budget) and cached."
         ),
         "",
         "## Stages",
