@@ -339,6 +339,8 @@ def run_demo(
         (run_dir / "final").mkdir(exist_ok=True)
         (run_dir / "final" / "results.json").write_text(json.dumps(final.to_json(), indent=1))
         st.finish("final", clock.now() - t0, reserved_s=round(final_s, 1), timing=timing, **_headline(final))
+        if bt.get("cache_key"):  # the next demo's budget sees this machine's latest decode speed
+            ResultCache().update_timing(bt["cache_key"], {k: timing[k] for k in ("decode_step_s", "load_s")})
     # 6. report
     t0 = stage("report", 6)
     base = EvalResult.load(run_dir / "baseline" / "results.json")
@@ -362,7 +364,8 @@ def _pacer(
     """The stage's pacer and share (seconds), or (None, None) without a budget."""
     if budget is None:
         return None, None
-    share = training_share(budget.left(), later_s, fraction)
+    fixed = SETUP_S[model] + TAIL_S[model]
+    share = training_share(budget.left(), later_s, fraction, fixed, stages=2 if name == "sft" else 1)
     _say(
         f"{name}: share {share / 60:.1f} min of the {budget.left() / 60:.1f} left (the final evaluation is "
         f"reserved {final_s / 60:.1f} min)"

@@ -5,10 +5,10 @@ The stages spend the budget in order (baseline evaluation, SFT, pairs, preferenc
 optimization, final evaluation, report). A stage's share is decided when it starts, from
 the time left and the cost of the stages after it: the final evaluation is a known number
 of prompts at the decode speed the baseline evaluation measured on this machine, the pairs
-and the report cost seconds, and the training left over goes 3:1 to SFT and preference
-optimization. A training stage then measures its own seconds per step in its first steps
-(`Pacer`, a training-loop hook) and stops when one more step plus the stage's tail (final
-checkpoint, export) would pass its share. A faster machine so trains more steps; a slower
+and the report cost seconds, and the training time left over pays each training stage's set-up and
+tail, then goes 3:1 to the steps of SFT and preference optimization. A training stage
+measures its own seconds per step in its first steps (`Pacer`, a training-loop hook) and
+stops when one more step plus its tail (final checkpoint, export) would pass its share. A faster machine so trains more steps; a slower
 one fewer, and the budget still holds.
 
 Time comes from a `Clock`. The real one is `time.monotonic`. `ScriptedClock` is the test
@@ -108,9 +108,12 @@ def eval_seconds(n_prompts: int, batch: int, max_new_tokens: int, decode_step_s:
     return load_s + math.ceil(n_prompts / max(batch, 1)) * max_new_tokens * decode_step_s
 
 
-def training_share(left_s: float, later_s: float, fraction: float) -> float:
-    """Seconds a training stage may use: `fraction` of what is left after the later stages' cost."""
-    return max(0.0, left_s - later_s) * fraction
+def training_share(left_s: float, later_s: float, fraction: float, fixed_s: float = 0.0, stages: int = 1) -> float:
+    """Seconds a training stage may use: its own fixed cost (`fixed_s`: set-up and tail) plus
+    `fraction` of the step time left after the later stages' cost and the fixed cost of all
+    `stages` training stages still to run (so the 3:1 split is of training steps, not of set-ups)."""
+    free = max(0.0, left_s - later_s)
+    return min(free, fixed_s + fraction * max(0.0, free - stages * fixed_s))
 
 
 def steps_that_fit(seconds: float, step_s: float, per_step_items: int = 1) -> int:

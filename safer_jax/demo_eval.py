@@ -66,7 +66,7 @@ def evaluate(
     use_cache: bool = True,
 ) -> tuple[Any, dict[str, Any], bool]:
     """(result, timing, cache hit): generate and score, or the cached result of the same evaluation.
-    Timing (on `clock`): load_s, generate_s, decode_steps, decode_step_s."""
+    Timing (on `clock`): load_s, generate_s, decode_steps, decode_step_s (and cache_key with a cache)."""
     from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
     from safer_jax.evaluation import run_eval
     from safer_jax.generate import SamplingConfig, generate_chat
@@ -90,7 +90,7 @@ def evaluate(
         hit = cache.load(key) if use_cache else None
         if hit is not None:
             _say(f"{name}: cached result {cache.path(key)} (--no-cache recomputes)")
-            return hit[0], hit[1], True
+            return hit[0], {**hit[1], "cache_key": key}, True
     from safer_jax.models import from_pretrained
 
     model = from_pretrained(path, gguf_file=gguf)
@@ -123,4 +123,5 @@ def evaluate(
     }
     if cache is not None:
         _say(f"{name}: result cached in {cache.save(key, parts, res, timing)}")
+        timing = {**timing, "cache_key": key}
     return res, timing, False

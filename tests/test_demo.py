@@ -173,6 +173,10 @@ def test_pacer_trains_more_steps_on_a_faster_machine():
 
 def test_budget_shares_and_clock_hook(monkeypatch):
     assert training_share(600.0, 200.0, 0.75) == 300.0 and training_share(100.0, 200.0, 1.0) == 0.0
+    # set-ups and tails first (both training stages), then 3:1 of the step time; the last stage gets the rest
+    assert training_share(1000.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 100.0 + 0.75 * 600.0
+    assert training_share(450.0, 200.0, 1.0, fixed_s=100.0) == 250.0
+    assert training_share(250.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 50.0  # never more than is free
     assert eval_seconds(120, 64, 320, 1.5, 20.0) == 20.0 + 2 * 320 * 1.5
     clock = ScriptedClock({"decode": 2.0})
     b = Budget(60.0, clock, spent=10.0)
@@ -249,8 +253,11 @@ def test_baseline_result_is_cached_by_model_prompts_and_sampling(tiny, tmp_path)
     assert (
         again.metrics == res.metrics and timing2 == timing and [r["id"] for r in again.rows] == [e.id for e in examples]
     )
-    _, _, hit3 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache, use_cache=False)
-    assert not hit3 and clock.now() > t
+    assert cache.update_timing(timing["cache_key"], {"decode_step_s": 9.0})  # a later, slower measurement
+    assert evaluate(str(folder), None, examples, plan, "baseline", clock, cache)[1]["decode_step_s"] == 9.0
+    assert not cache.update_timing("no-such-key", {"decode_step_s": 1.0})
+    _, timing3, hit3 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache, use_cache=False)
+    assert not hit3 and clock.now() > t and timing3["decode_step_s"] == 1.0
 
     sampling = SamplingConfig(max_new_tokens=4, greedy=True)
     base = dict(model_fp="m", tokenization_fp="t", examples=examples, sampling=sampling, batch_size=4, scoring_fp="s")

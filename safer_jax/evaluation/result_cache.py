@@ -5,7 +5,8 @@ The key covers everything that changes the result: the model's weight and config
 (their digest), the tokenizer and chat template, the prompts (every field the scorers read),
 the sampling settings and batch size (batch shapes change float rounding), the scoring code
 and options, the JAX version and backend. A hit returns the stored `EvalResult` and the
-timing measured when it was computed (the demo sizes its budget from that decode speed).
+timing last measured for it (the demo sizes its budget from that decode speed, and refreshes
+it with each final evaluation of the same shapes).
 
 Entries are `results.json`-style documents, so the data policy holds here as in every
 writer: completions of harmful prompts are stored only to their first few words.
@@ -114,3 +115,16 @@ class ResultCache:
         p = self.path(key)
         write_atomic(p, (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode())
         return p
+
+    def update_timing(self, key: str, timing: dict[str, Any]) -> bool:
+        """Replace an entry's timing by a newer measurement of the same shapes (the demo's final
+        evaluation: same prompts, batches and architecture), so the next budget sees this machine's
+        latest decode speed; False when there is no such entry."""
+        p = self.path(key)
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        doc["timing"] = {**doc.get("timing", {}), **timing}
+        write_atomic(p, (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode())
+        return True
