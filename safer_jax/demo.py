@@ -45,7 +45,7 @@ from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eva
 # Priors, measured on this project's 2-core CPU (docs/benchmarks.md, docs/results.md); the budget
 # uses them only before this machine's own speed is measured, and for checkpoint cadence.
 SFT_STEP_S = {"smollm2": 46.0, "tiny": 0.5}  # one SFT step of 4 x 512 tokens
-DECODE_STEP_S = {"smollm2": 1.3, "tiny": 0.02}  # one KV-cache decode step of a batch of 64
+DECODE_STEP_S = {"smollm2": 1.4, "tiny": 0.02}  # one KV-cache decode step of a batch of 64 (320 new tokens)
 SETUP_S = {"smollm2": 120.0, "tiny": 15.0}  # a training stage before its first step: load, compile, reference pass
 TAIL_S = {"smollm2": 45.0, "tiny": 3.0}  # a training stage after its last step: final checkpoint, export
 RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the end of the budget
@@ -229,6 +229,8 @@ def run_demo(
     # 1. baseline
     if not st.done("baseline"):
         t0 = stage("baseline evaluation", 1)
+        guess = eval_seconds(len(examples), plan.gen_batch, plan.max_new_tokens, DECODE_STEP_S[m], 60.0)
+        _say(f"read from the cache, or computed once for this machine and model (about {guess / 60:.0f} min here)")
         base, timing, hit = evaluate(base_path, base_gguf, examples, plan, "baseline", clock, ResultCache(), use_cache)
         (run_dir / "baseline").mkdir(exist_ok=True)
         (run_dir / "baseline" / "results.json").write_text(json.dumps(base.to_json(), indent=1))
