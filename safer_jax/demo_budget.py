@@ -143,6 +143,7 @@ class Pacer:
         self.name, self.clock, self.deadline, self.tail_s = name, clock, deadline, tail_s
         self.min_steps, self.log = min_steps, log
         self.first: tuple[int, float] | None = None  # (step, clock) at the end of the first step seen
+        self.first_step_s: float | None = None
         self.step_s: float | None = None
         self.planned: int | None = None
         self.steps = 0  # steps seen by this pacer (a resumed run counts only its own)
@@ -156,6 +157,8 @@ class Pacer:
         self.last_step = step
         if self.first is None:
             self.first = (step, now)
+            # the loop's own timing of that step: the estimate when no second step fits
+            self.first_step_s = (metrics or {}).get("step_time_s")
             # the first step may carry one-time costs; stop now only if it already ran past the share
             return self.steps >= self.min_steps and now + self.tail_s > self.deadline
         self.step_s = (now - self.first[1]) / (step - self.first[0])
@@ -169,8 +172,11 @@ class Pacer:
         return self.steps >= self.min_steps and step >= self.planned
 
     def record(self) -> dict[str, Any]:
-        """What the demo's state records about this stage's pacing."""
+        """What the demo's state records about this stage's pacing: `step_s` measured on the clock
+        between steps, else the loop's timing of the only step (`step_s_from`)."""
+        step_s, source = (self.step_s, "clock") if self.step_s is not None else (self.first_step_s, "first step")
         return {
-            "step_s": None if self.step_s is None else round(self.step_s, 3),
-            "planned_steps": self.planned,
+            "step_s": None if step_s is None else round(step_s, 3),
+            "step_s_from": source if step_s is not None else None,
+            "planned_steps": self.planned if self.planned is not None else self.steps,
         }

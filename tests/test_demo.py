@@ -154,11 +154,16 @@ def test_pacer_trains_more_steps_on_a_faster_machine():
     slow, p_slow, t_slow = run(10.0)
     fast, p_fast, t_fast = run(5.0)
     assert (slow, fast) == (9, 19) and p_slow.planned == 9 and p_fast.planned == 19
-    assert p_slow.record() == {"step_s": 10.0, "planned_steps": 9}
+    assert p_slow.record() == {"step_s": 10.0, "step_s_from": "clock", "planned_steps": 9}
     for t, step_s in ((t_slow, 10.0), (t_fast, 5.0)):
         assert t + 5.0 <= 100.0 < t + 5.0 + step_s
-    # a share already spent: one step (min_steps), then stop
-    assert run(10.0, share=3.0)[0] == 1
+    # a share already spent: one step (min_steps), then stop; the loop's timing of that step is the estimate
+    steps, only, _ = run(10.0, share=3.0)
+    assert steps == 1 and only.record() == {"step_s": None, "step_s_from": None, "planned_steps": 1}
+    clock = ScriptedClock({"sft_step": 10.0})
+    one = Pacer("sft", clock, 3.0, 0.0, log=lambda _: None)
+    assert one(1, None, {"step_time_s": 7.5}) and one.record()["step_s"] == 7.5
+    assert one.record()["step_s_from"] == "first step"
     # a machine that slows down mid-stage re-estimates and still stops on time
     clock = ScriptedClock({"sft_step": 2.0})
     pacer = Pacer("sft", clock, 60.0, 0.0, log=lambda _: None)
