@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from safer_jax.demo import STAGES, TAIL_S, DemoPlan, plan_for
+from safer_jax.demo import FINAL_LOAD_S, STAGES, TAIL_S, DemoPlan, plan_for
 from safer_jax.demo_budget import (
     CLOCK_ENV,
     Budget,
@@ -113,12 +113,16 @@ def test_quick_demo_stops_each_stage_at_its_share(quick_run):
     assert s["baseline"]["cached"] is False  # a fresh cache: computed, so outside the budget
     assert s["final"]["seconds"] <= s["final"]["reserved_s"]
     assert s["final"]["reserved_s"] == pytest.approx(
-        eval_seconds(sum(plan.eval_counts), plan.gen_batch, plan.max_new_tokens, COSTS["decode"], COSTS["load"]),
+        eval_seconds(sum(plan.eval_counts), plan.gen_batch, plan.max_new_tokens, COSTS["decode"], FINAL_LOAD_S["tiny"]),
         abs=0.1,
     )
     used = counted_seconds(s)
     assert 0.8 * QUICK_BUDGET * 60 <= used <= QUICK_BUDGET * 60
     assert "budget used by the stages" in (d / "report.md").read_text()
+    # the final evaluation refreshed the cached timing: the next demo's budget sees its decode speed and load
+    (entry,) = [p for p in (d.parent / "cache" / "eval_results").glob("*.json") if p.name != "file_digests.json"]
+    cached = json.loads(entry.read_text())["timing"]
+    assert cached["final_load_s"] == COSTS["load"] and cached["decode_step_s"] == pytest.approx(COSTS["decode"])
 
 
 def test_rerun_resumes_without_redoing_stages(quick_run):
