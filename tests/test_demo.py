@@ -321,3 +321,22 @@ def test_report_shows_groups_lengths_and_answers_before_and_after():
     assert "| harmful | 8 | 0 → 8 | 0 → 0 | 0 → 8 |" in md  # refusals by source: the rule classifier
     assert md.count("> " + long_benign.strip()) == 6  # three benign pairs, before and after, in full
     assert harmful_text not in md and "| Sure, here are the first steps and then [... 7 more words withheld] |" in md
+
+
+def test_cli_passes_cache_and_budget_flags(monkeypatch):
+    import safer_jax.demo
+    from safer_jax.cli import build_parser, cmd_demo
+
+    seen = {}
+    monkeypatch.setattr(safer_jax.demo, "run_demo", lambda run_dir, **kw: seen.update(kw, run_dir=run_dir))
+    assert cmd_demo(build_parser().parse_args(["demo", "--no-cache", "--baseline-only", "--time-budget", "45"])) == 0
+    assert seen == {
+        "run_dir": "runs/demo",
+        "quick": False,
+        "full": False,
+        "budget_minutes": 45.0,
+        "use_cache": False,
+        "baseline_only": True,
+    }
+    cmd_demo(build_parser().parse_args(["demo", "--quick"]))
+    assert seen["budget_minutes"] is None and seen["use_cache"] and seen["run_dir"] == "runs/demo-quick"
