@@ -214,7 +214,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from safer_jax.demo import run_demo
 
     run_dir = args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo")
-    run_demo(run_dir, quick=args.quick, full=args.full, budget_minutes=args.time_budget)
+    run_demo(
+        run_dir,
+        quick=args.quick,
+        full=args.full,
+        budget_minutes=args.time_budget,
+        use_cache=not args.no_cache,
+        baseline_only=args.baseline_only,
+    )
     return 0
 
 
@@ -657,10 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--time-budget",
         type=float,
-        default=30.0,
+        default=None,
         metavar="MINUTES",
-        help="size the run to about this wall time on this machine (default 30)",
+        help="wall time of the stages: each gets a share, training runs until its share is spent "
+        "(default 30; 3 with --quick)",
     )
+    d.add_argument(
+        "--no-cache", action="store_true", help="recompute the baseline evaluation instead of using its cached result"
+    )
+    d.add_argument("--baseline-only", action="store_true", help="evaluate the baseline (filling the cache) and stop")
     d.set_defaults(fn=cmd_demo)
     return p
 
