@@ -150,6 +150,24 @@ def test_first_faulty_step_search_with_a_scripted_sampler(tiny, refs, tmp_path):
     assert lp["chosen"] == render(d) and lp["kind"] == "length" and stats[lp["id"]]["length_gap"] > 5
 
 
+def test_sampling_resumes_at_the_chunk_where_it_was_killed(tiny, refs, tmp_path, monkeypatch):
+    samples = {(pid, j): render(refs[pid]) + "." * j for pid in (HARMFUL, BENIGN) for j in range(2)}
+    ids = f"rounds.prompt_ids=[{HARMFUL},{BENIGN}]"
+    whole = Scripted(samples, {})
+    env = loop.setup(cfg_for(tmp_path / "a", tiny[0], ids, "rounds.sample_batch=1"), lambda env, r: whole)
+    loop.phase_sample(env, 1)
+    killed = Scripted(samples, {})
+    env = loop.setup(cfg_for(tmp_path / "b", tiny[0], ids, "rounds.sample_batch=1"), lambda env, r: killed)
+    monkeypatch.setenv(loop.KILL_ENV, "1:sample:1")
+    with pytest.raises(loop.KillPoint):
+        loop.phase_sample(env, 1)
+    monkeypatch.delenv(loop.KILL_ENV)
+    loop.phase_sample(env, 1)
+    assert killed.calls == [[f"{HARMFUL}#0", f"{HARMFUL}#1"], [f"{BENIGN}#0", f"{BENIGN}#1"]]  # nothing drawn twice
+    a, b = (loop.read_rows(tmp_path / x / "round_1" / "samples.jsonl") for x in ("a", "b"))
+    assert a == b and len(a) == 4
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -241,10 +259,10 @@ def losses(run_dir):
 
 def test_two_rounds_end_to_end_with_kill_and_resume(tiny, refs, tmp_path, monkeypatch):
     factory, short_ok = injecting(refs)
-    extra = [f"rounds.prompt_ids=[{HARMFUL2},{BENIGN},tr-0331]", "rounds.continuations=3", "rounds.eval_start=true"]
+    extra = [f"rounds.prompt_ids=[{HARMFUL2},{BENIGN}]", "rounds.eval_counts=[1,1,1]"]
     a = tmp_path / "a"
     res = loop.run_rounds(cfg_for(a, tiny[0], *extra), factory)
-    assert set(res["state"]["rounds"]) == {"0", "1", "2"} and (a / "report.md").exists()
+    assert set(res["state"]["rounds"]) == {"1", "2"} and (a / "report.md").exists()
     for r in (1, 2):
         judged = {row["id"]: row for row in loop.read_rows(a / f"round_{r}" / "judged.jsonl")}
         samples = {row["id"]: row for row in loop.read_rows(a / f"round_{r}" / "samples.jsonl")}
@@ -264,12 +282,11 @@ def test_two_rounds_end_to_end_with_kill_and_resume(tiny, refs, tmp_path, monkey
     assert "harmful_compliance" in report and "round 2" in report and "pairs step 3" in report
 
     b = tmp_path / "b"
-    monkeypatch.setenv(loop.KILL_ENV, "1:train:1")
+    monkeypatch.setenv(loop.KILL_ENV, "1:train:1")  # mid-round: after training step 1 of round 1
     with pytest.raises(loop.KillPoint):
         loop.run_rounds(cfg_for(b, tiny[0], *extra), factory)
-    monkeypatch.setenv(loop.KILL_ENV, "2:sample:1")
-    with pytest.raises(loop.KillPoint):
-        loop.run_rounds(cfg_for(b, tiny[0], *extra), factory)
+    state = json.loads((b / loop.STATE_FILE).read_text())["rounds"]
+    assert list(state["1"]) == ["sample", "judge", "pair"]  # stopped inside the train phase
     monkeypatch.delenv(loop.KILL_ENV)
     loop.run_rounds(cfg_for(b, tiny[0], *extra), factory)
     for r in (1, 2):
