@@ -245,7 +245,7 @@ class RoundsSection:
     rounds: int = 2
     prompts: str = "bundled"  # a prompts JSONL ({id, prompt, label, rules, category}); bundled = train_prompts
     prompt_ids: tuple[str, ...] = ()  # a named subset of the prompts (empty: `limit` or all)
-    limit: int = 0  # first n prompts, stratified by label (0 = all); ignored when prompt_ids is set
+    limit: int = 0  # a seeded sample of n prompts, labels in turn (0 = all); ignored when prompt_ids is set
     references: str = "bundled"  # traces whose step k is the fallback chosen span; bundled = train_traces
     samples: int = 4  # K traces per prompt
     continuations: int = 4  # M continuations of the faulty step from the shared prefix

@@ -29,14 +29,16 @@ def load_prompts(rc: Any) -> list[dict[str, Any]]:
         if missing:
             raise ConfigError(f"rounds.prompt_ids: {missing[:3]} not in {path}")
         return [by_id[i] for i in rc.prompt_ids]
-    if rc.limit:
-        by_label = {lab: [r for r in rows if r["label"] == lab] for lab in LABELS}
-        out: list[dict[str, Any]] = []
-        while len(out) < min(rc.limit, len(rows)):
-            for lab in LABELS:
-                if by_label[lab] and len(out) < rc.limit:
-                    out.append(by_label[lab].pop(0))
-        return out
+    if rc.limit:  # a seeded sample, labels taken in turn, then in file order
+        rng = random.Random(rc.seed)
+        pools = {lab: rng.sample(pool, len(pool)) for lab in LABELS if (pool := [r for r in rows if r["label"] == lab])}
+        picked: list[dict[str, Any]] = []
+        while len(picked) < min(rc.limit, len(rows)):
+            for pool in pools.values():
+                if pool and len(picked) < rc.limit:
+                    picked.append(pool.pop())
+        order = {id(r): i for i, r in enumerate(rows)}
+        return sorted(picked, key=lambda r: order[id(r)])
     return rows
 
 

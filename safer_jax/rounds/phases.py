@@ -41,9 +41,10 @@ def draw(env: Any, r: int, phase: str, requests: list[Request], out_file: Any, c
     chunks = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
     sampler = None
     bar = tqdm(total=len(chunks), desc=f"round {r} {phase}", unit="chunk", disable=jax.process_index() != 0)
+    collective = rc.sampler == "local"  # the KV-cache sampler runs on every process; an endpoint is asked once
     for c, reqs in enumerate(chunks):
         todo = [q for q in reqs if q.id not in have]
-        if todo:
+        if todo and (collective or jax.process_index() == 0):
             sampler = sampler or env.sampler(r)
             seed = rc.seed + 7919 * r + 104729 * PHASES.index(phase) + c
             try:

@@ -40,7 +40,9 @@ STEP_NAMES = ("assessment", "verification", "calibration", "response")
 # the assessment calls the request harmless or only apparently risky
 BENIGN_STANCE = re.compile(
     r"\b(benign|harmless)\b|no meaningful risk|nothing in it points to a risk|no harm category|no sign of harm|"
-    r"ordinary request|only sounds risky|does not provide any harmful capability|no dangerous capability|not harmful",
+    r"ordinary request|only sounds risky|does not provide any harmful capability|no dangerous capability|not harmful|"
+    r"\b(is|are|seems|looks)( a| an)?( perfectly| completely| entirely)? safe\b|\bsafe (request|conversation|question)\b|"
+    r"\blegit(imate)? (request|need|question)\b",
     re.I,
 )
 VIOLATED = re.compile(r"\b(R\d{2,3})\b[^\n]*?:\s*(not violated|violated|applies|does not apply)", re.I)
