@@ -16,6 +16,7 @@ response's opening, `evaluation/refusal.py`).
 
 import json
 import sys
+from pathlib import Path
 
 from safer_jax.data.traces import split_think
 
@@ -24,9 +25,9 @@ KEEP_WORDS = 6
 
 
 def main(raw: str, labels: str, out: str) -> None:
-    marks = json.load(open(labels))
+    marks = json.loads(Path(labels).read_text())
     rows = []
-    for line in open(raw):
+    for line in Path(raw).read_text().splitlines():
         s = json.loads(line)
         lab = marks[s["id"]]
         text = s["text"]
