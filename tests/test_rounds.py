@@ -249,8 +249,8 @@ def injecting(refs):
 
 def losses(run_dir):
     out = {}
-    for r in (1, 2):
-        f = Path(run_dir) / f"round_{r}" / "train" / "metrics.jsonl"
+    for f in sorted(Path(run_dir).glob("round_*/train/metrics.jsonl")):
+        r = int(f.parent.parent.name.split("_")[1])
         for row in map(json.loads, f.read_text().splitlines()):
             if row["split"] == "train":
                 out[(r, row["step"])] = row["loss"]
@@ -260,27 +260,6 @@ def losses(run_dir):
 def test_two_rounds_end_to_end_with_kill_and_resume(tiny, refs, tmp_path, monkeypatch):
     factory, short_ok = injecting(refs)
     extra = [f"rounds.prompt_ids=[{HARMFUL2},{BENIGN}]", "rounds.eval_counts=[1,1,1]"]
-    a = tmp_path / "a"
-    res = loop.run_rounds(cfg_for(a, tiny[0], *extra), factory)
-    assert set(res["state"]["rounds"]) == {"1", "2"} and (a / "report.md").exists()
-    for r in (1, 2):
-        judged = {row["id"]: row for row in loop.read_rows(a / f"round_{r}" / "judged.jsonl")}
-        samples = {row["id"]: row for row in loop.read_rows(a / f"round_{r}" / "samples.jsonl")}
-        pairs = loop.read_rows(a / f"round_{r}" / "pairs.jsonl")
-        assert pairs
-        for p in pairs:
-            if p["kind"] == "length":
-                continue
-            j = judged[p["id"]]
-            segs = split_steps(samples[p["id"]]["text"])
-            k = p["step_index"]
-            assert k == j["first_faulty"] and p["prefix_steps"] == segs[: k - 1] and p["rejected"] == segs[k - 1]
-            assert p["chosen"] != p["rejected"]
-        p3 = next(p for p in pairs if p["id"] == f"{HARMFUL2}#0")
-        assert p3["step_index"] == 3 and p3["chosen"] == short_ok  # of two correct candidates, the shorter
-    report = (a / "report.md").read_text()
-    assert "harmful_compliance" in report and "round 2" in report and "pairs step 3" in report
-
     b = tmp_path / "b"
     monkeypatch.setenv(loop.KILL_ENV, "1:train:1")  # mid-round: after training step 1 of round 1
     with pytest.raises(loop.KillPoint):
@@ -288,12 +267,33 @@ def test_two_rounds_end_to_end_with_kill_and_resume(tiny, refs, tmp_path, monkey
     state = json.loads((b / loop.STATE_FILE).read_text())["rounds"]
     assert list(state["1"]) == ["sample", "judge", "pair"]  # stopped inside the train phase
     monkeypatch.delenv(loop.KILL_ENV)
-    loop.run_rounds(cfg_for(b, tiny[0], *extra), factory)
+    res = loop.run_rounds(cfg_for(b, tiny[0], *extra), factory)
+    assert set(res["state"]["rounds"]) == {"1", "2"} and set(res["state"]["rounds"]["2"]) == set(loop.PHASES)
     for r in (1, 2):
-        for name in ("samples.jsonl", "pairs.jsonl"):
-            assert loop.read_rows(a / f"round_{r}" / name) == loop.read_rows(b / f"round_{r}" / name), (r, name)
+        judged = {row["id"]: row for row in loop.read_rows(b / f"round_{r}" / "judged.jsonl")}
+        samples = {row["id"]: row for row in loop.read_rows(b / f"round_{r}" / "samples.jsonl")}
+        pairs = loop.read_rows(b / f"round_{r}" / "pairs.jsonl")
+        assert pairs
+        for p in pairs:
+            if p["kind"] == "length":
+                continue
+            j = judged[p["id"]]
+            segs = split_steps(samples[p["id"]]["text"])
+            k = p["step_index"]  # the first faulty step (the last segment written, if the text stopped before it)
+            assert k == min(j["first_faulty"], len(segs))
+            assert p["prefix_steps"] == segs[: k - 1] and p["rejected"] == segs[k - 1]
+            assert p["chosen"] != p["rejected"]
+        p3 = next(p for p in pairs if p["id"] == f"{HARMFUL2}#0")
+        assert p3["step_index"] == 3 and p3["chosen"] == short_ok  # of two correct candidates, the shorter
+    report = (b / "report.md").read_text()
+    assert "harmful_compliance" in report and "round 2" in report and "pairs step 3" in report
+
+    a = tmp_path / "a"  # uninterrupted, through the round the kill was in
+    loop.run_rounds(cfg_for(a, tiny[0], *extra, "rounds.rounds=1"), factory)
+    for name in ("samples.jsonl", "continuations.jsonl", "pairs.jsonl"):
+        assert loop.read_rows(a / "round_1" / name) == loop.read_rows(b / "round_1" / name), name
     la, lb = losses(a), losses(b)
-    assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)
+    assert la and all(abs(la[k] - lb[k]) < 1e-5 for k in la)  # same losses, step by step
 
 
 # --------------------------------------------------------------------------- agreement with people

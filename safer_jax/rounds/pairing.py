@@ -3,7 +3,8 @@
 For a bad sample with first faulty step k, the shared prefix is the sample's own steps
 1..k-1; M continuations of step k are drawn from it and judged; the chosen span is the
 shortest correct one (length control), else the reference trace's step k. The rejected
-span is the sample's faulty step k. Between two correct samples of one prompt whose
+span is the sample's faulty step k (a sample whose text ended inside step k-1, never writing
+step k, is paired at step k-1: that segment is where it went wrong). Between two correct samples of one prompt whose
 lengths differ by more than a margin, the shorter whole answer is chosen over the longer.
 Each pair carries its statistics: step, reason, source of the chosen span, length gap and
 every candidate's length and verdict.

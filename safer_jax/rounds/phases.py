@@ -167,18 +167,17 @@ def phase_pair(env: Any, r: int) -> dict[str, Any]:
     samples = {row["id"]: row for row in read_rows(d / "samples.jsonl")}
     judged = read_rows(d / "judged.jsonl")
     by_id = {p["id"]: p for p in env.prompts}
-    bad = [
-        pairing.FaultySample(
-            row["prompt_id"],
-            by_id[row["prompt_id"]]["prompt"],
-            int(row["id"].rsplit("#", 1)[1]),
-            split_steps(samples[row["id"]]["text"], fmt),
-            row["first_faulty"],
-            row["reason"],
+    bad = []
+    for row in judged:
+        segs = split_steps(samples[row["id"]]["text"], fmt)
+        if row["first_faulty"] is None or not segs:
+            continue
+        # a sample that never wrote step k (its text ended inside step k-1) went wrong in its last segment
+        k = min(row["first_faulty"], len(segs))
+        pid = row["prompt_id"]
+        bad.append(
+            pairing.FaultySample(pid, by_id[pid]["prompt"], int(row["id"].rsplit("#", 1)[1]), segs, k, row["reason"])
         )
-        for row in judged
-        if row["first_faulty"] is not None
-    ]
     requests = pairing.continuation_requests(bad, rc.continuations, fmt)
     got = draw(env, r, "pair", requests, d / "continuations.jsonl", rc.sample_batch * max(rc.continuations, 1))
     pairs, stats = [], []
