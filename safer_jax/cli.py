@@ -397,6 +397,21 @@ def cmd_ref_logps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rounds(args: argparse.Namespace) -> int:
+    """On-policy rounds: sample, judge each step, pair at the first faulty step, train, evaluate."""
+    from safer_jax.config import RoundsConfig, load_config
+    from safer_jax.rounds import RoundsError, run_rounds
+
+    cfg = load_config(RoundsConfig, args.config, args.overrides)
+    try:
+        res = run_rounds(cfg)
+    except RoundsError as e:
+        print(f"safer-jax rounds: error: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {res['report']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from safer_jax.training.export import export_checkpoint
 
@@ -592,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--config", default=None, help="configs/prefopt/NAME.yaml")
     rl.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     rl.set_defaults(fn=cmd_ref_logps)
+
+    ro = sub.add_parser(
+        "rounds", help="on-policy step-level preference rounds: sample, judge, pair, train, evaluate (resumes)"
+    )
+    ro.add_argument("--config", default=None, help="configs/rounds/NAME.yaml")
+    ro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ro.set_defaults(fn=cmd_rounds)
 
     ex = sub.add_parser("export", help="export a run's checkpoint to a HF folder")
     ex.add_argument("run_dir")
