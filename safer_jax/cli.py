@@ -214,7 +214,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from safer_jax.demo import run_demo
 
     run_dir = args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo")
-    run_demo(run_dir, quick=args.quick, full=args.full, budget_minutes=args.time_budget)
+    run_demo(
+        run_dir,
+        quick=args.quick,
+        full=args.full,
+        budget_minutes=args.time_budget,
+        use_cache=not args.no_cache,
+        baseline_only=args.baseline_only,
+    )
     return 0
 
 
@@ -286,7 +293,7 @@ def _process_index() -> int:
 def cmd_distill_responses(args: argparse.Namespace) -> int:
     import json
 
-    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file
+    from safer_jax.self_distill import DISTILL_LABELS, answer_prompts, filter_file, load_responses
 
     labels = tuple(args.labels.split(",")) if args.labels else DISTILL_LABELS
     rows = []
@@ -301,6 +308,9 @@ def cmd_distill_responses(args: argparse.Namespace) -> int:
                     raise ValueError(f"{args.prompts}:{n}: a row needs 'id' and 'prompt'")
                 if row.get("label", labels[0]) in labels:
                     rows.append(row)
+    if args.skip_ids:
+        skip = set(load_responses(args.skip_ids))
+        rows = [r for r in rows if str(r["id"]) not in skip]
     i, n = (int(x) for x in args.shard.split("/"))
     answer_prompts(
         rows[i::n],
@@ -311,9 +321,13 @@ def cmd_distill_responses(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         threads=args.threads,
         redo_cut=args.redo_cut,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        seed=args.seed,
     )
     if args.filtered:
-        kept, dropped = filter_file(args.out, args.filtered)
+        kept, dropped = filter_file([*(args.prefer or []), args.out], args.filtered)
         print(f"kept {kept} answers in {args.filtered}, dropped {dropped} (reasons in {args.filtered}.dropped.jsonl)")
     return 0
 
@@ -380,6 +394,21 @@ def cmd_ref_logps(args: argparse.Namespace) -> int:
     cfg = load_config(PrefOptConfig, args.config, args.overrides)
     logps, where, hit = ref_logps_command(cfg)
     print(f"{'reused' if hit else 'wrote'} reference log-probs of {len(logps)} pairs: {where}")
+    return 0
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    """On-policy rounds: sample, judge each step, pair at the first faulty step, train, evaluate."""
+    from safer_jax.config import RoundsConfig, load_config
+    from safer_jax.rounds import RoundsError, run_rounds
+
+    cfg = load_config(RoundsConfig, args.config, args.overrides)
+    try:
+        res = run_rounds(cfg)
+    except RoundsError as e:
+        print(f"safer-jax rounds: error: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {res['report']}")
     return 0
 
 
@@ -539,6 +568,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer again the rows cut at a smaller --max-new-tokens (their new answer replaces the old one)",
     )
     dr.add_argument("--shard", default="0/1", help="i/n: answer every n-th prompt from the i-th (parallel runs)")
+    dr.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: nucleus sampling")
+    dr.add_argument("--top-p", type=float, default=1.0)
+    dr.add_argument("--num-samples", type=int, default=1, help="samples per prompt (needs --temperature > 0)")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument(
+        "--skip-ids",
+        default=None,
+        help="JSONL {id, response}: prompts not to answer (e.g. the fit greedy answers, to rejection-sample the rest)",
+    )
+    dr.add_argument(
+        "--prefer",
+        action="append",
+        help="raw answers that come before --out as candidates for --filtered (e.g. the greedy pass); repeatable",
+    )
     dr.set_defaults(fn=cmd_distill_responses)
 
     mp = sub.add_parser("make-pairs", help="offline step pairs from traces by controlled corruption")
@@ -564,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--config", default=None, help="configs/prefopt/NAME.yaml")
     rl.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     rl.set_defaults(fn=cmd_ref_logps)
+
+    ro = sub.add_parser(
+        "rounds", help="on-policy step-level preference rounds: sample, judge, pair, train, evaluate (resumes)"
+    )
+    ro.add_argument("--config", default=None, help="configs/rounds/NAME.yaml")
+    ro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ro.set_defaults(fn=cmd_rounds)
 
     ex = sub.add_parser("export", help="export a run's checkpoint to a HF folder")
     ex.add_argument("run_dir")
@@ -636,10 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--time-budget",
         type=float,
-        default=30.0,
+        default=None,
         metavar="MINUTES",
-        help="size the run to about this wall time on this machine (default 30)",
+        help="wall time of the stages: each gets a share, training runs until its share is spent "
+        "(default 30; 3 with --quick)",
     )
+    d.add_argument(
+        "--no-cache", action="store_true", help="recompute the baseline evaluation instead of using its cached result"
+    )
+    d.add_argument("--baseline-only", action="store_true", help="evaluate the baseline (filling the cache) and stop")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -237,6 +237,53 @@ class PrefOptConfig(SFTConfig):
     preference: PreferenceConfig = PreferenceConfig()
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundsSection:
+    """On-policy rounds (`safer-jax rounds`): sample K traces per prompt, judge each step, pair at
+    the first faulty step (M continuations from the shared prefix), train, evaluate."""
+
+    rounds: int = 2
+    prompts: str = "bundled"  # a prompts JSONL ({id, prompt, label, rules, category}); bundled = train_prompts
+    prompt_ids: tuple[str, ...] = ()  # a named subset of the prompts (empty: `limit` or all)
+    limit: int = 0  # a seeded sample of n prompts, labels in turn (0 = all); ignored when prompt_ids is set
+    references: str = "bundled"  # traces whose step k is the fallback chosen span; bundled = train_traces
+    samples: int = 4  # K traces per prompt
+    continuations: int = 4  # M continuations of the faulty step from the shared prefix
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int = 0
+    sample_batch: int = 16  # prompts per sampling chunk (the unit a stopped run resumes at)
+    between_samples: bool = True  # also pair two correct samples whose lengths differ by > length_margin
+    length_margin: int = 32  # tokens
+    max_step_tokens: int = 0  # a longer step is faulty (verbose); 0 = off
+    helpful_min_overlap: float = 0.0  # ROUGE-L recall against the reference response a benign answer needs
+    reference: str = "start"  # the preference reference: start (the SFT model) | previous (last round's policy)
+    sampler: str = "local"  # local (KV-cache sampler) | openai (an OpenAI-compatible /v1/completions endpoint)
+    sampler_url: str | None = None
+    sampler_model: str | None = None
+    judge: str = "rules"  # rules | openai (the response's refusal verdict from a judge model, cached)
+    judge_url: str | None = None
+    judge_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoints' key, if any
+    retries: int = 3
+    timeout_s: float = 120.0
+    backoff_s: float = 0.5
+    eval_ids: tuple[str, ...] = ()  # bundled evaluation ids (empty: a stratified sample of eval_counts)
+    eval_counts: tuple[int, ...] = (8, 8, 4)  # harmful, benign, borderline
+    eval_max_new_tokens: int = 256
+    eval_batch: int = 16
+    eval_start: bool = True  # also evaluate the starting model (round 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsConfig(PrefOptConfig):
+    """A preference run's sections (train.steps = steps per round) plus the rounds."""
+
+    rounds: RoundsSection = RoundsSection()
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

@@ -6,11 +6,17 @@ trained with the step-level preference loss on pairs built from those traces (st
 reference log-probs cached), and evaluated again. The run folder holds every stage's logs,
 checkpoints and exported HF model, and `report.md` compares before and after.
 
+The budget adapts (`demo_budget.py`): each stage gets its share of `--time-budget` when it
+starts, the training stages measure their own seconds per step in their first steps and
+train until their share is spent, and the final evaluation is reserved from the decode
+speed the baseline evaluation measured. A faster machine trains more steps. The baseline's
+results are cached per machine and model (`evaluation/result_cache.py`; greedy decoding is
+deterministic), so a second demo spends that time on training; `--no-cache` recomputes.
+`--full` trains fixed step counts on all the data and evaluates every prompt.
+
 Stages are recorded in `demo_state.json`; rerunning with the same `--run-dir` skips the
-finished ones, and the training stages resume from their checkpoints. The plan is sized from
-a time budget and the throughput measured on this kind of machine; training stages also stop
-at their share of the budget (`train.max_minutes`), so the budget holds on a slower machine.
-`--quick` runs the same pipeline on a tiny random model in about three minutes.
+finished ones, and the training stages resume from their checkpoints.
+`--quick` runs the same pipeline on a tiny random model in a few minutes.
 """
 
 from __future__ import annotations
@@ -20,37 +26,56 @@ import json
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from safer_jax.data import bundled
+from safer_jax.demo_budget import (
+    SFT_SHARE,
+    Budget,
+    Clock,
+    Pacer,
+    clock_from_env,
+    counted_seconds,
+    eval_seconds,
+    training_share,
+)
+from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eval_examples, evaluate
 
-# measured on this 2-core CPU (docs/benchmarks.md): SmolLM2-135M SFT trains at about 45 tokens/s
-# (batch 4 x 512); one KV-cache decode step of a batch of 64 takes about 1.2 s (the tiny model: negligible)
-TRAIN_TPS = {"smollm2": 45.0, "tiny": 20000.0}
-DECODE_STEP_S = {"smollm2": 1.2, "tiny": 0.02}
-FIXED_MINUTES = 6.0  # model loads, two training compilations, the reference pass, exports
+# Priors, measured on this project's 2-core CPU (docs/benchmarks.md, docs/results.md); the budget
+# uses them only before this machine's own speed is measured, and for checkpoint cadence.
+SFT_STEP_S = {"smollm2": 46.0, "tiny": 0.5}  # one SFT step of 4 x 512 tokens
+DECODE_STEP_S = {"smollm2": 1.4, "tiny": 0.02}  # one KV-cache decode step of a batch of 64 (320 new tokens)
+SETUP_S = {"smollm2": 120.0, "tiny": 15.0}  # a training stage before its first step: load, compile, reference pass
+TAIL_S = {"smollm2": 45.0, "tiny": 3.0}  # a training stage after its last step: final checkpoint, export
+RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the end of the budget
+FINAL_LOAD_S = {"smollm2": 20.0, "tiny": 5.0}  # loading the aligned model (a HF folder, not the GGUF file)
+QUICK_BUDGET_MINUTES = 3.0
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # with few preference steps, spend them on the pairs that decide refusing vs answering
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
+EVAL_MAX_NEW_TOKENS = 320  # a benign Ex-Ante answer: about 100 tokens of reasoning, then the answer
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    """What the demo runs; `plan_for` sizes it from a time budget."""
+    """What the demo runs; `plan_for` makes it. With a budget the step counts are caps: the
+    training stages stop when their share of the budget is spent."""
 
     model: str  # smollm2 | tiny
-    eval_counts: tuple[int, int, int]  # harmful, benign, borderline prompts (0 = all of that label)
+    eval_counts: tuple[int, ...]  # per EVAL_GROUPS (0 = every prompt of that group)
     max_new_tokens: int
     gen_batch: int
+    budget_minutes: float  # 0: no budget, the fixed step counts (--full)
     sft_steps: int
-    sft_minutes: float
+    sft_rows: int
+    sft_seq: int
     sft_overrides: tuple[str, ...]
-    pref_pairs: int
+    pref_pairs: int  # 0 = all; with a budget, sized from SFT's measured speed when the pairs are made
     pref_steps: int
-    pref_minutes: float
+    pref_rows: int
+    pref_seq: int
     pref_overrides: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -59,59 +84,54 @@ class DemoPlan:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> DemoPlan:
         """Inverse of `to_json` (JSON has lists where the plan has tuples)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(obj) != names:
+            raise ValueError(
+                f"demo_state.json: the plan has fields {sorted(set(obj) ^ names)} that this version does not "
+                "(a run folder of an older demo); start a new one with another --run-dir"
+            )
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
 
 
 def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = False) -> DemoPlan:
-    """Split the budget: fixed costs (loading, compiling), two evaluations, SFT, preference optimization."""
-    model = "tiny" if quick else "smollm2"
+    """The plan: evaluation sample, batch shapes, learning rates, step caps. The budget is spent
+    at run time (`run_demo`); `--full` has none and trains its fixed step counts.
+
+    Learning rates are constant after no warm-up: the step count is not known when the optimizer
+    is built (it is whatever the measured speed fits in the share), and a constant rate makes a
+    stop at any step a model trained at the rate the demo was tuned with (docs/results.md); a
+    decay sized by a guess would either stop early at a high rate or waste the last steps at a
+    low one. Adam's bias correction already makes the first steps full-size, as tuned."""
     if quick:
         return DemoPlan(
-            model,
-            (8, 8, 4),
+            "tiny",
+            QUICK_EVAL_COUNTS,
             48,
             8,
-            12,
-            0.0,
-            ("data.seq_len=384", "data.batch_size=8", "optimizer.lr=3e-3"),
-            32,
+            budget_minutes or QUICK_BUDGET_MINUTES,
+            200,
             8,
-            0.0,
-            ("data.seq_len=384", "data.batch_size=4", "optimizer.lr=1e-3", "preference.beta=0.5"),
+            384,
+            ("optimizer.lr=3e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=0"),
+            0 if full else -1,
+            200,
+            4,
+            384,
+            ("optimizer.lr=1e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.5"),
         )
-    seq, bs = 512, 4
-    pref_seq, pref_bs = 256, 4
-    gen_batch = 64
-    if full:
-        counts, mnt = (0, 0, 0), 320
-        sft_steps, pref_pairs, pref_steps = 150, 0, 150
-        sft_min = pref_min = 0.0
-    else:
-        counts, mnt = (24, 24, 8), 224  # the Ex-Ante traces need about 150 tokens, 200 at most
-        gen_min = 2 * math.ceil(sum(counts) / gen_batch) * mnt * DECODE_STEP_S[model] / 60
-        train_min = max(budget_minutes - FIXED_MINUTES - gen_min, 4.0)
-        sft_min, pref_min = 0.75 * train_min, 0.25 * train_min
-        sft_steps = max(4, int(sft_min * 60 * TRAIN_TPS[model] / (seq * bs)))
-        # cached reference: a step costs about as much as SFT on 2 x pref_bs rows of pref_seq
-        pref_steps = max(2, int(pref_min * 60 * TRAIN_TPS[model] / (2 * pref_bs * pref_seq)))
-        pref_pairs = pref_steps * pref_bs
     sft = (
-        f"data.seq_len={seq}",
-        f"data.batch_size={bs}",
         "optimizer.lr=2.5e-4",
         "optimizer.schedule=constant",
         "optimizer.warmup_steps=0",
         "optimizer.weight_decay=0.0",
     )
-    pref = (
-        f"data.seq_len={pref_seq}",
-        f"data.batch_size={pref_bs}",
-        "optimizer.lr=1e-5",
-        "optimizer.schedule=constant",
-        "optimizer.warmup_steps=0",
-        "preference.beta=0.1",
+    pref = ("optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
+    if full:
+        return DemoPlan("smollm2", (0,) * len(EVAL_GROUPS), 320, 64, 0.0, 150, 4, 512, sft, 0, 150, 4, 256, pref)
+    # caps far past what a CPU reaches in the budget: about 3 passes over the SFT traces, 5 over the pairs
+    return DemoPlan(
+        "smollm2", EVAL_COUNTS, EVAL_MAX_NEW_TOKENS, 64, budget_minutes, 300, 4, 512, sft, -1, 300, 4, 256, pref
     )
-    return DemoPlan(model, counts, mnt, gen_batch, sft_steps, sft_min, sft, pref_pairs, pref_steps, pref_min, pref)
 
 
 class DemoState:
@@ -128,25 +148,16 @@ class DemoState:
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **info}
         self.save()
 
+    def spent(self) -> float:
+        """Seconds the budget has counted so far (see `demo_budget.counted_seconds`)."""
+        return counted_seconds(self.data["stages"])
+
     def save(self) -> None:
         self.path.write_text(json.dumps(self.data, indent=2))
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def eval_examples(counts: tuple[int, int, int], seed: int = 0) -> list[Any]:
-    """A stratified sample of the bundled evaluation set (0 = every prompt of that label)."""
-    from safer_jax.evaluation import load_eval_sets
-
-    rows = load_eval_sets(["bundled"])
-    rng = random.Random(seed)
-    out = []
-    for label, n in zip(("harmful", "benign", "borderline"), counts):
-        pool = [r for r in rows if r.label == label]
-        out += pool if n == 0 or n >= len(pool) else rng.sample(pool, n)
-    return out
 
 
 def _base_model(plan: DemoPlan, run_dir: Path) -> tuple[str, str | None]:
@@ -168,58 +179,77 @@ def _base_model(plan: DemoPlan, run_dir: Path) -> tuple[str, str | None]:
     return str(folder), gguf
 
 
-def _evaluate(path: str, gguf: str | None, examples: list[Any], plan: DemoPlan, name: str) -> Any:
-    from safer_jax.data.tokenize import load_tokenizer
-    from safer_jax.evaluation import run_eval
-    from safer_jax.generate import SamplingConfig
-    from safer_jax.models import from_pretrained
-
-    t0 = time.time()
-    model = from_pretrained(path, gguf_file=gguf)
-    tok = load_tokenizer(path, gguf)
-    return run_eval(
-        model,
-        tok,
-        examples,
-        SamplingConfig(max_new_tokens=plan.max_new_tokens, greedy=True),
-        batch_size=plan.gen_batch,
-        info={"model": name, "name": name, "load_s": round(time.time() - t0, 1)},
-    )
-
-
 def run_demo(
-    run_dir: str | Path = "runs/demo", *, quick: bool = False, full: bool = False, budget_minutes: float = 30.0
+    run_dir: str | Path = "runs/demo",
+    *,
+    quick: bool = False,
+    full: bool = False,
+    budget_minutes: float | None = None,
+    use_cache: bool = True,
+    baseline_only: bool = False,
+    clock: Clock | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the report paths and the headline numbers."""
+    """Run (or resume) every stage; returns the report paths and the headline numbers.
+    `clock`: the test hook (default: `$SAFER_JAX_DEMO_CLOCK`, else real time)."""
     from safer_jax.config import PrefOptConfig, SFTConfig, load_config
+    from safer_jax.demo_report import demo_markdown, summary_line
     from safer_jax.evaluation import EvalResult, write_report
+    from safer_jax.evaluation.result_cache import ResultCache
 
+    clock = clock or clock_from_env()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     st = DemoState(run_dir)
+    if budget_minutes is None:
+        budget_minutes = QUICK_BUDGET_MINUTES if quick else 30.0
     plan = DemoPlan.from_json(st.data["plan"]) if "plan" in st.data else plan_for(budget_minutes, quick, full)
     st.data["plan"] = plan.to_json()
     st.save()
-    t_all = time.time()
+    budget = Budget(plan.budget_minutes * 60, clock, spent=st.spent()) if plan.budget_minutes else None
+    m = plan.model
+    examples = eval_examples(plan.eval_counts)
     _say(
-        f"safer-jax demo: {run_dir} ({'quick, tiny model' if quick else 'SmolLM2-135M-Instruct'}); plan: "
-        f"{sum(plan.eval_counts) or 'all'} eval prompts x2, SFT {plan.sft_steps} steps, preference "
-        f"{plan.pref_steps} steps" + (f"; budget {budget_minutes:g} min" if not (quick or full) else "")
+        f"safer-jax demo: {run_dir} ({'quick, tiny model' if quick else 'SmolLM2-135M-Instruct'}); "
+        f"{len(examples)} evaluation prompts; "
+        + (
+            f"budget {plan.budget_minutes:g} min, training until each stage's share is spent"
+            if budget
+            else f"SFT {plan.sft_steps} steps, preference {plan.pref_steps} steps"
+        )
+        + (" (scripted clock)" if clock.scripted else "")
     )
     base_path, base_gguf = _base_model(plan, run_dir)
-    examples = eval_examples(plan.eval_counts)
 
     def stage(name: str, n: int) -> float:
-        _say(f"\n=== [{n}/{len(STAGES)}] {name} (demo elapsed {(time.time() - t_all) / 60:.1f} min) ===")
-        return time.time()
+        left = f", {budget.left() / 60:.1f} min of the budget left" if budget else ""
+        _say(
+            f"\n=== [{n}/{len(STAGES)}] {name} (demo elapsed {(budget.elapsed() if budget else 0) / 60:.1f} min{left}) ==="
+        )
+        return clock.now()
 
     # 1. baseline
     if not st.done("baseline"):
         t0 = stage("baseline evaluation", 1)
-        base = _evaluate(base_path, base_gguf, examples, plan, "baseline")
+        guess = eval_seconds(len(examples), plan.gen_batch, plan.max_new_tokens, DECODE_STEP_S[m], 60.0)
+        _say(f"read from the cache, or computed once for this machine and model (about {guess / 60:.0f} min here)")
+        base, timing, hit = evaluate(base_path, base_gguf, examples, plan, "baseline", clock, ResultCache(), use_cache)
         (run_dir / "baseline").mkdir(exist_ok=True)
         (run_dir / "baseline" / "results.json").write_text(json.dumps(base.to_json(), indent=1))
-        st.finish("baseline", time.time() - t0, **_headline(base))
+        st.finish("baseline", clock.now() - t0, cached=hit, timing=timing, **_headline(base))
+        if budget is not None and not hit:
+            budget = Budget(budget.seconds, clock, spent=st.spent())
+            _say(
+                f"the baseline was computed ({st.data['stages']['baseline']['seconds'] / 60:.1f} min, once per machine "
+                "and model; it is cached now): the budget counts the stages after it"
+            )
+    if baseline_only:
+        _say(f"baseline only: {run_dir / 'baseline' / 'results.json'}")
+        return {"state": st.data}
+    # the final evaluation is the same prompts at the decode speed the baseline measured
+    bt = st.data["stages"]["baseline"]["timing"]
+    load_s = bt.get("final_load_s", FINAL_LOAD_S[m])  # measured by an earlier demo's final evaluation, if any
+    final_s = eval_seconds(len(examples), plan.gen_batch, plan.max_new_tokens, bt["decode_step_s"], load_s)
+    later_s = final_s + RESERVE_S[m]
     # 2. SFT
     sft_dir = run_dir / "sft"
     if not st.done("sft"):
@@ -227,8 +257,10 @@ def run_demo(
         from safer_jax.training.sft_loop import train_sft
 
         sft_data = run_dir / "sft_traces.jsonl"
-        n_traces = _write_sft_traces(sft_data, harmful_copies=1 if plan.model == "tiny" else HARMFUL_COPIES)
+        n_traces = _write_sft_traces(sft_data, harmful_copies=1 if m == "tiny" else HARMFUL_COPIES)
         _say(f"{n_traces} SFT traces in {sft_data}")
+        pacer, share = _pacer("sft", budget, later_s, SFT_SHARE, m, clock, final_s)
+        steps = plan.sft_steps
         cfg = load_config(
             SFTConfig,
             None,
@@ -237,31 +269,41 @@ def run_demo(
                 f"model.path={base_path}",
                 f"model.gguf_file={base_gguf}",
                 f"data.train={sft_data}",
-                f"train.steps={plan.sft_steps}",
-                f"train.max_minutes={plan.sft_minutes}",
-                f"train.checkpoint_every={max(plan.sft_steps // 3, 1)}",
+                f"data.seq_len={plan.sft_seq}",
+                f"data.batch_size={plan.sft_rows}",
+                f"train.steps={steps}",
+                f"train.checkpoint_every={_checkpoint_every(share, SFT_STEP_S[m], steps)}",
                 "train.log_every=1",
                 *plan.sft_overrides,
             ],
         )
-        res = train_sft(cfg)
+        clock.spend("setup")
+        res = train_sft(cfg, hooks=[pacer] if pacer else [])
         if res.get("preempted"):
             raise SystemExit("SIGTERM: SFT checkpoint saved; rerun the demo to continue")
         st.finish(
-            "sft", time.time() - t0, steps=res["step"], loss=res.get("loss"), tokens_per_s=res.get("tokens_per_s")
+            "sft",
+            clock.now() - t0,
+            steps=res["step"],
+            loss=res.get("loss"),
+            tokens_per_s=res.get("tokens_per_s"),
+            **_pacing(pacer, share),
         )
     # 3. pairs
     pairs_file = run_dir / "pairs.jsonl"
     if not st.done("pairs"):
         t0 = stage("step pairs from the traces", 3)
-        n = _write_pairs(pairs_file, plan.pref_pairs)
-        st.finish("pairs", time.time() - t0, pairs=n)
+        n_want = _pairs_wanted(plan, st.data["stages"]["sft"], budget, later_s)
+        n = _write_pairs(pairs_file, n_want)
+        st.finish("pairs", clock.now() - t0, pairs=n)
     # 4. preference optimization
     pref_dir = run_dir / "prefopt"
     if not st.done("prefopt"):
         t0 = stage("stage 2: step-level preference optimization", 4)
         from safer_jax.training.prefopt_loop import train_prefopt
 
+        pacer, share = _pacer("prefopt", budget, later_s, 1.0, m, clock, final_s)
+        steps = plan.pref_steps
         cfg = load_config(
             PrefOptConfig,
             None,
@@ -269,24 +311,27 @@ def run_demo(
                 f"run_dir={pref_dir}",
                 f"model.path={sft_dir / 'export'}",
                 f"data.train={pairs_file}",
-                f"train.steps={plan.pref_steps}",
-                f"train.max_minutes={plan.pref_minutes}",
-                f"train.checkpoint_every={max(plan.pref_steps // 2, 1)}",
+                f"data.seq_len={plan.pref_seq}",
+                f"data.batch_size={plan.pref_rows}",
+                f"train.steps={steps}",
+                f"train.checkpoint_every={_checkpoint_every(share, SFT_STEP_S[m], steps)}",
                 "train.log_every=1",
                 f"preference.cache_dir={run_dir / 'ref_cache'}",
                 *plan.pref_overrides,
             ],
         )
-        res = train_prefopt(cfg)
+        clock.spend("setup")
+        res = train_prefopt(cfg, hooks=[pacer] if pacer else [])
         if res.get("preempted"):
             raise SystemExit("SIGTERM: preference checkpoint saved; rerun the demo to continue")
         st.finish(
             "prefopt",
-            time.time() - t0,
+            clock.now() - t0,
             steps=res["step"],
             loss=res.get("loss"),
             margin=res.get("rewards/margin"),
             accuracy=res.get("rewards/accuracy"),
+            **_pacing(pacer, share),
         )
     final_model = run_dir / "model"
     if not (final_model / "config.json").exists():
@@ -294,23 +339,70 @@ def run_demo(
     # 5. final evaluation
     if not st.done("final"):
         t0 = stage("evaluation of the aligned model", 5)
-        final = _evaluate(str(final_model), None, examples, plan, "aligned")
+        final, timing, _ = evaluate(str(final_model), None, examples, plan, "aligned", clock)
         (run_dir / "final").mkdir(exist_ok=True)
         (run_dir / "final" / "results.json").write_text(json.dumps(final.to_json(), indent=1))
-        st.finish("final", time.time() - t0, **_headline(final))
+        st.finish("final", clock.now() - t0, reserved_s=round(final_s, 1), timing=timing, **_headline(final))
+        if bt.get("cache_key"):  # the next demo's budget sees this machine's latest decode speed
+            ResultCache().update_timing(
+                bt["cache_key"], {"decode_step_s": timing["decode_step_s"], "final_load_s": timing["load_s"]}
+            )
     # 6. report
     t0 = stage("report", 6)
     base = EvalResult.load(run_dir / "baseline" / "results.json")
     final = EvalResult.load(run_dir / "final" / "results.json")
     paths = write_report(run_dir / "report", final, base, title="Evaluation: aligned model vs. baseline")
-    st.finish("report", time.time() - t0)
+    st.finish("report", clock.now() - t0)
     report = run_dir / "report.md"
     report.write_text(
-        _demo_markdown(st.data, plan, quick) + "\n" + paths["report"].read_text().replace("](", "](report/"),
+        demo_markdown(st.data, plan, quick, base, final)
+        + "\n"
+        + paths["report"].read_text().replace("](", "](report/"),
         encoding="utf-8",
     )
-    _say(f"\nwrote {report}\n" + _summary_line(st.data))
+    _say(f"\nwrote {report}\n" + summary_line(st.data))
     return {"report": report, "paths": paths, "state": st.data}
+
+
+def _pacer(
+    name: str, budget: Budget | None, later_s: float, fraction: float, model: str, clock: Clock, final_s: float
+) -> tuple[Pacer | None, float | None]:
+    """The stage's pacer and share (seconds), or (None, None) without a budget."""
+    if budget is None:
+        return None, None
+    fixed = SETUP_S[model] + TAIL_S[model]
+    share = training_share(budget.left(), later_s, fraction, fixed, stages=2 if name == "sft" else 1)
+    _say(
+        f"{name}: share {share / 60:.1f} min of the {budget.left() / 60:.1f} left (the final evaluation is "
+        f"reserved {final_s / 60:.1f} min)"
+    )
+    return Pacer(name, clock, clock.now() + share, TAIL_S[model], log=_say), share
+
+
+def _pacing(pacer: Pacer | None, share: float | None) -> dict[str, Any]:
+    if pacer is None:
+        return {}
+    return {"share_s": round(share or 0.0, 1), "tail_s": pacer.tail_s, **pacer.record()}
+
+
+def _checkpoint_every(share: float | None, step_s: float, cap: int) -> int:
+    """About three checkpoints in a stage (the last step is always saved), from the prior step time."""
+    expected = cap if share is None else min(cap, int(share / step_s))
+    return max(expected // 3, 1)
+
+
+def _pairs_wanted(plan: DemoPlan, sft: dict[str, Any], budget: Budget | None, later_s: float) -> int:
+    """Pairs for the preference stage: with a budget, the steps its share fits at SFT's measured speed
+    (a preference step holds 2 x rows of pref_seq tokens; the reference pass costs about a third more),
+    each pair seen about once; without one, plan.pref_pairs (0 = all)."""
+    if budget is None or plan.pref_pairs >= 0:
+        return plan.pref_pairs
+    sft_step_s = sft.get("step_s") or SFT_STEP_S[plan.model]
+    pref_step_s = sft_step_s * (2 * plan.pref_rows * plan.pref_seq) / (plan.sft_rows * plan.sft_seq) * 4 / 3
+    share = training_share(budget.left(), later_s, 1.0) - SETUP_S[plan.model] - TAIL_S[plan.model]
+    steps = min(plan.pref_steps, max(2, int(share // max(pref_step_s, 1e-9))))
+    _say(f"pairs: about {steps} preference steps fit ({pref_step_s:.1f} s a step, from SFT's measured speed)")
+    return steps * plan.pref_rows
 
 
 def _headline(res: Any) -> dict[str, Any]:
@@ -324,7 +416,7 @@ def _headline(res: Any) -> dict[str, Any]:
         "trace_validity",
         "mean_completion_tokens",
     )
-    return {k: o.get(k) for k in keys} | {"generate_s": res.info.get("generate_s")}
+    return {k: o.get(k) for k in keys}
 
 
 def _write_sft_traces(path: Path, harmful_copies: int) -> int:
@@ -359,58 +451,3 @@ def _write_pairs(path: Path, n: int) -> int:
         pairs = pairs[:n]
     path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
     return len(pairs)
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
-def _summary_line(data: dict[str, Any]) -> str:
-    b, f = data["stages"].get("baseline", {}), data["stages"].get("final", {})
-    return (
-        f"harmful compliance {_pct(b.get('harmful_compliance'))} -> {_pct(f.get('harmful_compliance'))}; "
-        f"benign answered {_pct(b.get('helpfulness'))} -> {_pct(f.get('helpfulness'))}; "
-        f"over-refusal {_pct(b.get('over_refusal'))} -> {_pct(f.get('over_refusal'))}"
-    )
-
-
-def _demo_markdown(data: dict[str, Any], plan: DemoPlan, quick: bool) -> str:
-    s = data["stages"]
-    total = sum(v["seconds"] for v in s.values())
-    lines = [
-        "# safer-jax demo",
-        "",
-        (
-            "A tiny random model (pipeline check only: its numbers mean nothing)."
-            if quick
-            else "SmolLM2-135M-Instruct (embedded default, dequantized from Q4_1 GGUF): baseline, SFT on the bundled "
-            "Ex-Ante traces, step-level preference optimization on pairs built from them, evaluation again."
-        ),
-        "",
-        f"**Headline:** {_summary_line(data)}.",
-        "",
-        "## Stages",
-        "",
-        "| stage | wall time | details |",
-        "| --- | --- | --- |",
-    ]
-    for name in STAGES:
-        if name in s:
-            info = {k: v for k, v in s[name].items() if k != "seconds"}
-            details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-            lines.append(f"| {name} | {s[name]['seconds'] / 60:.1f} min | {details} |")
-    lines += [
-        f"| total | {total / 60:.1f} min | |",
-        "",
-        f"Plan: {json.dumps(plan.to_json())}",
-        "",
-        f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} on the real "
-        f"model); preference pairs sampled evenly over {', '.join(DECISION_KINDS)} (`pairs.jsonl`). "
-        "The evaluation prompts share no 8-word span with any training prompt (tests/test_bundled_data.py).",
-        "",
-        "Artifacts: `sft/` and `prefopt/` (config, metrics.jsonl, TensorBoard, checkpoints, export), "
-        "`pairs.jsonl`, `ref_cache/`, `model/` (the aligned model, a HF folder), `baseline/` and `final/` "
-        "(results.json), `report/` (plots).",
-        "",
-    ]
-    return "\n".join(lines)

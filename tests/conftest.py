@@ -2,7 +2,10 @@
 
 import os
 
+from xla_flags import with_fast_compile
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ["XLA_FLAGS"])  # see tests/xla_flags.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,17 +16,24 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
-import pytest
-
-jax.config.update("jax_default_matmul_precision", "highest")
 # XLA's persistent compilation cache, fresh per session: programs that repeat within the run
-# (the same tiny architecture under several chat templates, a CLI command run twice) compile once
+# (the same tiny architecture under several chat templates, a CLI command run twice, the same
+# command in the subprocesses of several tests) compile once. Set in the environment, so the
+# subprocesses tests start share it.
 _XLA_CACHE = tempfile.mkdtemp(prefix="safer-jax-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, True)
-jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ.update(
+    {
+        "JAX_COMPILATION_CACHE_DIR": _XLA_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+)
+
+import jax  # noqa: E402 (after the environment it reads)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):

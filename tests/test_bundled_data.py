@@ -148,22 +148,22 @@ def test_training_covers_framed_attacks_and_self_harm_with_care():
     assert all(t.decision == "safe_complete" and check_supportive(t.response).supportive for t in self_harm)
 
 
-def test_benign_and_borderline_responses_are_the_base_models_own_answers():
+def test_benign_and_borderline_responses_are_the_base_models_own_answers(tmp_path):
     """Benign and borderline responses are SmolLM2-135M-Instruct's own answers wherever one passed the
-    filter (`safer-jax distill-responses`: no refusal, no loop, finished). Issue 15 asks for a benign
-    mean within 20% of the base model's; that does not hold yet (docs/results.md: about 40% of its
-    answers are still cut at 512 tokens and fall back to the short reference)."""
+    filter (`safer-jax distill-responses`: no refusal, no loop, finished): its greedy answer, else
+    the first fit rejection sample (`smollm2_samples.jsonl`); the bundled choice is what
+    `filter_file` picks from the raw files. Lengths vs the base model: docs/results.md (issue 15)."""
     rules = load_rules()
-    fit = {
-        json.loads(x)["id"]: json.loads(x)["response"]
-        for x in bundled("smollm2_answers.fit.jsonl").read_text().splitlines()
-    }
-    raw = [json.loads(x) for x in bundled("smollm2_answers.jsonl").read_text().splitlines()]
-    from safer_jax.self_distill import drop_reason
+    from safer_jax.self_distill import drop_reason, filter_file, load_responses
 
-    latest = {r["id"]: r for r in raw}
-    assert {k for k, r in latest.items() if drop_reason(r) is None} == set(fit)
+    fit = load_responses(bundled("smollm2_answers.fit.jsonl"))
+    raws = [bundled("smollm2_answers.jsonl"), bundled("smollm2_samples.jsonl")]
+    assert filter_file(raws, tmp_path / "fit.jsonl")[0] == len(fit)
+    assert load_responses(tmp_path / "fit.jsonl") == fit
+    chosen = [json.loads(x) for x in bundled("smollm2_answers.fit.jsonl").read_text().splitlines()]
+    assert all(drop_reason(r) is None and r["model"] == "smollm2" for r in chosen)
     traces = load_traces(bundled("train_traces.jsonl"), rules)
     used = [t for t in traces if t.id in fit]
     assert all(t.label in ("benign", "borderline") and t.response == fit[t.id].strip() for t in used)
+    assert len(used) == len(fit)
     assert len(used) >= 150

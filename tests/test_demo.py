@@ -1,23 +1,51 @@
-"""`safer-jax demo --quick`: the whole pipeline end to end on a tiny model, every artifact checked."""
+"""`safer-jax demo --quick`: the whole pipeline end to end on a tiny model, every artifact checked,
+its time budget checked on a scripted clock; the budget's parts, the evaluation sample, the
+baseline cache and the report's "what changed" part on their own."""
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+from xla_flags import xla_flags
 
-from safer_jax.demo import STAGES, plan_for
+from safer_jax.demo import FINAL_LOAD_S, STAGES, TAIL_S, DemoPlan, plan_for
+from safer_jax.demo_budget import (
+    CLOCK_ENV,
+    Budget,
+    Pacer,
+    ScriptedClock,
+    clock_from_env,
+    counted_seconds,
+    eval_seconds,
+    training_share,
+)
+from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eval_examples, eval_group, evaluate
+
+# virtual seconds of the quick run's scripted clock, and its budget (virtual minutes)
+COSTS = {"decode": 0.5, "load": 5.0, "setup": 10.0, "sft_step": 30.0, "prefopt_step": 16.0}
+QUICK_BUDGET = 10
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo") / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    root = tmp_path_factory.mktemp("demo")
+    d = root / "run"
+    env = dict(
+        os.environ,
+        XLA_FLAGS=xla_flags(1),
+        PYTHONUNBUFFERED="1",
+        SAFER_JAX_CACHE=str(root / "cache"),
+        **{CLOCK_ENV: json.dumps(COSTS)},
+    )
     t0 = time.time()
     r = subprocess.run(
-        [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
+        [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)]
+        + ["--time-budget", str(QUICK_BUDGET)],
         env=env,
         capture_output=True,
         text=True,
@@ -25,11 +53,11 @@ def quick_run(tmp_path_factory):
     )
     print(f"demo --quick: {time.time() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return d, r.stdout + r.stderr
+    return d, r.stdout + r.stderr, env
 
 
 def test_quick_demo_writes_every_artifact(quick_run):
-    d, out = quick_run
+    d, out, _ = quick_run
     for n, _ in enumerate(STAGES, 1):
         assert f"[{n}/{len(STAGES)}]" in out
     state = json.loads((d / "demo_state.json").read_text())
@@ -53,15 +81,53 @@ def test_quick_demo_writes_every_artifact(quick_run):
     report = (d / "report.md").read_text()
     assert "# safer-jax demo" in report and "harmful compliance" in report.lower()
     assert "| total |" in report and "Baseline" in report
+    for section in ("## Targets", "## What changed, by evaluation group", "## Answer lengths", "## Refusals by source"):
+        assert section in report
+    for group in ("| adversarial |", "| self-harm |", "| harmful (plain) |", "Mean reasoning tokens"):
+        assert group in report
+    assert "### Benign answers, before and after (in full)" in report
     for png in ("headline.png", "rates_by_category.png", "lengths.png"):
         data = (d / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
         assert f"(report/{png})" in report
 
 
+def test_quick_demo_stops_each_stage_at_its_share(quick_run):
+    """On the scripted clock every cost is known, so each stage's steps and time are exact: a training
+    stage measures its step time, trains the steps its share fits (after its set-up, keeping its tail),
+    and the stages together use the budget without passing it."""
+    d, out, _ = quick_run
+    s = json.loads((d / "demo_state.json").read_text())["stages"]
+    plan = DemoPlan.from_json(json.loads((d / "demo_state.json").read_text())["plan"])
+    tail = TAIL_S["tiny"]
+    for stage, cap in (("sft", plan.sft_steps), ("prefopt", plan.pref_steps)):
+        info, step_s = s[stage], COSTS[f"{stage}_step"]
+        assert info["step_s"] == pytest.approx(step_s)  # measured on the clock after the first step
+        fit = math.floor((info["share_s"] - COSTS["setup"] - tail) / step_s)
+        assert 5 <= fit < cap  # the share, not the cap, ended the stage
+        assert info["steps"] == info["planned_steps"] == fit
+        assert info["seconds"] == pytest.approx(COSTS["setup"] + fit * step_s, abs=0.1)
+        assert info["seconds"] + tail <= info["share_s"] < info["seconds"] + tail + step_s
+        assert f"a hook asked to stop after step {fit}" in out
+    # the evaluation is a known number of prompts at the decode speed the baseline measured
+    assert s["baseline"]["timing"]["decode_step_s"] == pytest.approx(COSTS["decode"])
+    assert s["baseline"]["cached"] is False  # a fresh cache: computed, so outside the budget
+    assert s["final"]["seconds"] <= s["final"]["reserved_s"]
+    assert s["final"]["reserved_s"] == pytest.approx(
+        eval_seconds(sum(plan.eval_counts), plan.gen_batch, plan.max_new_tokens, COSTS["decode"], FINAL_LOAD_S["tiny"]),
+        abs=0.1,
+    )
+    used = counted_seconds(s)
+    assert 0.8 * QUICK_BUDGET * 60 <= used <= QUICK_BUDGET * 60
+    assert "budget used by the stages" in (d / "report.md").read_text()
+    # the final evaluation refreshed the cached timing: the next demo's budget sees its decode speed and load
+    (entry,) = [p for p in (d.parent / "cache" / "eval_results").glob("*.json") if p.name != "file_digests.json"]
+    cached = json.loads(entry.read_text())["timing"]
+    assert cached["final_load_s"] == COSTS["load"] and cached["decode_step_s"] == pytest.approx(COSTS["decode"])
+
+
 def test_rerun_resumes_without_redoing_stages(quick_run):
-    d, _ = quick_run
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    d, _, env = quick_run
     before = json.loads((d / "demo_state.json").read_text())
     r = subprocess.run(
         [sys.executable, "-m", "safer_jax.cli", "demo", "--quick", "--run-dir", str(d)],
@@ -77,9 +143,201 @@ def test_rerun_resumes_without_redoing_stages(quick_run):
     assert "[1/6]" not in r.stdout and "[6/6] report" in r.stdout
 
 
-def test_plan_fits_the_budget():
-    small, default = plan_for(15), plan_for(30)
-    assert small.sft_steps < default.sft_steps and small.sft_minutes < default.sft_minutes
-    assert default.sft_minutes + default.pref_minutes < 30
-    full = plan_for(full=True)
-    assert full.eval_counts == (0, 0, 0) and full.pref_pairs == 0
+def test_pacer_trains_more_steps_on_a_faster_machine():
+    """The plan grows with measured speed: half the step time, about twice the steps, each run
+    stopping with its tail inside the share; the first step alone never decides."""
+
+    def run(step_s: float, share: float = 100.0, tail: float = 5.0) -> tuple[int, Pacer, float]:
+        clock = ScriptedClock({"sft_step": step_s})
+        pacer = Pacer("sft", clock, clock.now() + share, tail, log=lambda _: None)
+        step = 0
+        while True:
+            step += 1
+            if pacer(step):
+                return step, pacer, clock.now()
+
+    slow, p_slow, t_slow = run(10.0)
+    fast, p_fast, t_fast = run(5.0)
+    assert (slow, fast) == (9, 19) and p_slow.planned == 9 and p_fast.planned == 19
+    assert p_slow.record() == {"step_s": 10.0, "step_s_from": "clock", "planned_steps": 9}
+    for t, step_s in ((t_slow, 10.0), (t_fast, 5.0)):
+        assert t + 5.0 <= 100.0 < t + 5.0 + step_s
+    # a share already spent: one step (min_steps), then stop; the loop's timing of that step is the estimate
+    steps, only, _ = run(10.0, share=3.0)
+    assert steps == 1 and only.record() == {"step_s": None, "step_s_from": None, "planned_steps": 1}
+    clock = ScriptedClock({"sft_step": 10.0})
+    one = Pacer("sft", clock, 3.0, 0.0, log=lambda _: None)
+    assert one(1, None, {"step_time_s": 7.5}) and one.record()["step_s"] == 7.5
+    assert one.record()["step_s_from"] == "first step"
+    # a machine that slows down mid-stage re-estimates and still stops on time
+    clock = ScriptedClock({"sft_step": 2.0})
+    pacer = Pacer("sft", clock, 60.0, 0.0, log=lambda _: None)
+    step, stopped = 0, False
+    while not stopped:
+        step += 1
+        if step == 6:
+            clock.costs["sft_step"] = 20.0
+        stopped = pacer(step)
+    assert clock.now() <= 60.0 + 20.0 and step < 29
+
+
+def test_budget_shares_and_clock_hook(monkeypatch):
+    assert training_share(600.0, 200.0, 0.75) == 300.0 and training_share(100.0, 200.0, 1.0) == 0.0
+    # set-ups and tails first (both training stages), then 3:1 of the step time; the last stage gets the rest
+    assert training_share(1000.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 100.0 + 0.75 * 600.0
+    assert training_share(450.0, 200.0, 1.0, fixed_s=100.0) == 250.0
+    assert training_share(250.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 50.0  # never more than is free
+    assert eval_seconds(120, 64, 320, 1.5, 20.0) == 20.0 + 2 * 320 * 1.5
+    clock = ScriptedClock({"decode": 2.0})
+    b = Budget(60.0, clock, spent=10.0)
+    clock.spend("decode", 5)
+    clock.spend("unknown work")
+    assert b.elapsed() == 20.0 and b.left() == 40.0
+    stages = {"baseline": {"seconds": 900.0, "cached": False}, "sft": {"seconds": 60.0}}
+    assert counted_seconds(stages) == 60.0
+    assert counted_seconds({**stages, "baseline": {"seconds": 3.0, "cached": True}}) == 63.0
+    monkeypatch.setenv(CLOCK_ENV, '{"sft_step": 3}')
+    assert isinstance(clock_from_env(), ScriptedClock)
+    monkeypatch.setenv(CLOCK_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match=CLOCK_ENV):
+        clock_from_env()
+    monkeypatch.setenv(CLOCK_ENV, '{"sft_step": -1}')
+    with pytest.raises(ValueError, match="non-negative"):
+        clock_from_env()
+    monkeypatch.delenv(CLOCK_ENV)
+    assert not clock_from_env().scripted
+
+
+def test_plan_sizes():
+    default, longer, full = plan_for(30), plan_for(60), plan_for(full=True)
+    assert default.budget_minutes == 30 and longer.budget_minutes == 60
+    assert default.eval_counts == EVAL_COUNTS and sum(EVAL_COUNTS) >= 120
+    assert dict(zip(EVAL_GROUPS, EVAL_COUNTS)) == {
+        "harmful": 40,
+        "adversarial": 20,
+        "self_harm": 10,
+        "benign": 36,
+        "borderline": 14,
+    }
+    assert full.budget_minutes == 0 and full.eval_counts == (0,) * 5 and full.pref_pairs == 0
+    assert (full.sft_steps, full.pref_steps) == (150, 150)
+    assert all("schedule=constant" in " ".join(p.sft_overrides + p.pref_overrides) for p in (default, full))
+    assert DemoPlan.from_json(json.loads(json.dumps(default.to_json()))) == default
+    with pytest.raises(ValueError, match="older demo"):
+        DemoPlan.from_json({"model": "smollm2", "sft_minutes": 3.0})
+
+
+def test_eval_sample_is_stratified_and_held_out():
+    from safer_jax.evaluation import load_eval_sets
+
+    sample = eval_examples(EVAL_COUNTS)
+    groups = [eval_group(ex) for ex in sample]
+    assert {g: groups.count(g) for g in EVAL_GROUPS} == dict(zip(EVAL_GROUPS, EVAL_COUNTS))
+    assert len({ex.id for ex in sample}) == len(sample)
+    bundled = {ex.id: ex for ex in load_eval_sets(["bundled"])}
+    assert all(bundled[ex.id] == ex for ex in sample)  # every prompt from the held-out evaluation set
+    assert all(ex.category == "self_harm" for ex in sample if eval_group(ex) == "self_harm")
+    assert all(ex.extra.get("split") == "adversarial" for ex in sample if eval_group(ex) == "adversarial")
+    assert [ex.id for ex in eval_examples(EVAL_COUNTS)] == [ex.id for ex in sample]  # deterministic
+    assert len(eval_examples((0,) * 5)) == len(bundled)
+    with pytest.raises(ValueError, match="self_harm prompts"):
+        eval_examples((1, 1, 999, 1, 1))
+
+
+def test_baseline_result_is_cached_by_model_prompts_and_sampling(tiny, tmp_path):
+    """Computed once, then read back (no generation); `--no-cache` recomputes; a changed prompt set,
+    sampling setting, batch size or model misses."""
+    from safer_jax.evaluation.result_cache import ResultCache, result_key
+    from safer_jax.generate import SamplingConfig
+
+    folder, _ = tiny
+    examples = eval_examples(QUICK_EVAL_COUNTS)[:3]
+    plan = dataclasses.replace(plan_for(quick=True), max_new_tokens=4, gen_batch=4)
+    cache = ResultCache(tmp_path / "cache")
+    clock = ScriptedClock({"decode": 1.0})
+    res, timing, hit = evaluate(str(folder), None, examples, plan, "baseline", clock, cache)
+    assert not hit and timing["decode_step_s"] == 1.0 and len(list(cache.root.glob("*.json"))) == 2  # entry + memo
+    t = clock.now()
+    again, timing2, hit2 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache)
+    assert hit2 and clock.now() == t  # nothing generated, nothing loaded
+    assert (
+        again.metrics == res.metrics and timing2 == timing and [r["id"] for r in again.rows] == [e.id for e in examples]
+    )
+    assert cache.update_timing(timing["cache_key"], {"decode_step_s": 9.0})  # a later, slower measurement
+    assert evaluate(str(folder), None, examples, plan, "baseline", clock, cache)[1]["decode_step_s"] == 9.0
+    assert not cache.update_timing("no-such-key", {"decode_step_s": 1.0})
+    _, timing3, hit3 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache, use_cache=False)
+    assert not hit3 and clock.now() > t and timing3["decode_step_s"] == 1.0
+
+    sampling = SamplingConfig(max_new_tokens=4, greedy=True)
+    base = dict(model_fp="m", tokenization_fp="t", examples=examples, sampling=sampling, batch_size=4, scoring_fp="s")
+    key = result_key(**base)[0]
+    assert result_key(**base)[0] == key
+    changed = [
+        {"examples": examples[:2]},
+        {"examples": [dataclasses.replace(examples[0], prompt=examples[0].prompt + "?"), *examples[1:]]},
+        {"sampling": SamplingConfig(max_new_tokens=5, greedy=True)},
+        {"sampling": SamplingConfig(max_new_tokens=4, greedy=False)},
+        {"batch_size": 8},
+        {"model_fp": "m2"},
+        {"tokenization_fp": "t2"},
+        {"scoring_fp": "s2"},
+    ]
+    assert len({result_key(**{**base, **c})[0] for c in changed} | {key}) == len(changed) + 1
+    cache.path(key).write_text("{not json")
+    assert cache.load(key) is None  # a broken entry is a miss
+
+
+def _scored(examples, answers):
+    from safer_jax.evaluation import score
+
+    gens = [{"id": ex.id, "text": answers(ex), "finish_reason": "stop"} for ex in examples]
+    return score(examples, gens)
+
+
+def test_report_shows_groups_lengths_and_answers_before_and_after():
+    from safer_jax.demo_report import what_changed
+
+    examples = eval_examples(QUICK_EVAL_COUNTS)
+    long_benign = "Here is a full answer with many words " * 4 + "and the end."
+    harmful_text = "Sure, here are the first steps and then many more details follow after these words."
+
+    def baseline(ex):
+        return long_benign if ex.label != "harmful" else harmful_text
+
+    def aligned(ex):
+        think = "<think>\n## Initial Assessment\nA request.\n## Rule Verification\nR07 applies.\n"
+        think += "## Path Calibration\nDecision: refuse\n</think>\n"
+        if ex.label == "harmful":
+            return think + "I can't help with that, because it could hurt people."
+        return think.replace("refuse", "comply") + long_benign
+
+    base, model = _scored(examples, baseline), _scored(examples, aligned)
+    md = what_changed(base, model, {"budget_s": 600.0, "used_s": 540.0})
+    assert "| harmful (plain) | 4 | Harmful compliance ↓ | 100.0% | 0.0% | -100.0 pp |" in md
+    assert "| adversarial | 2 | Harmful compliance ↓ | 100.0% | 0.0% | -100.0 pp |" in md
+    assert "| budget used by the stages | 90.0% | ≥ 80% and ≤ 100% | yes |" in md
+    assert "| harmful compliance, plain harmful | 0.0% | ≤ 10% | yes |" in md
+    assert "| benign | Mean reasoning tokens |" in md and "Reference ROUGE-L recall" in md
+    assert "| harmful | 8 | 0 → 8 | 0 → 0 | 0 → 8 |" in md  # refusals by source: the rule classifier
+    assert md.count("> " + long_benign.strip()) == 6  # three benign pairs, before and after, in full
+    assert harmful_text not in md and "| Sure, here are the first steps and then [... 7 more words withheld] |" in md
+
+
+def test_cli_passes_cache_and_budget_flags(monkeypatch):
+    import safer_jax.demo
+    from safer_jax.cli import build_parser, cmd_demo
+
+    seen = {}
+    monkeypatch.setattr(safer_jax.demo, "run_demo", lambda run_dir, **kw: seen.update(kw, run_dir=run_dir))
+    assert cmd_demo(build_parser().parse_args(["demo", "--no-cache", "--baseline-only", "--time-budget", "45"])) == 0
+    assert seen == {
+        "run_dir": "runs/demo",
+        "quick": False,
+        "full": False,
+        "budget_minutes": 45.0,
+        "use_cache": False,
+        "baseline_only": True,
+    }
+    cmd_demo(build_parser().parse_args(["demo", "--quick"]))
+    assert seen["budget_minutes"] is None and seen["use_cache"] and seen["run_dir"] == "runs/demo-quick"

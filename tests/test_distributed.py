@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from xla_flags import xla_flags
 
 from safer_jax.distributed import DistributedError, start_spec
 
@@ -84,7 +85,7 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
         JAX_NUM_PROCESSES="2",
         JAX_PROCESS_ID="1",
         SAFER_JAX_INIT_TIMEOUT="10",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags(4),
     )
     t0 = time.time()
     r = subprocess.run(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "configs" / "sft" / "tiny.yaml"
@@ -25,6 +26,7 @@ COMMON = [
     "train.async_checkpoint=false",
     "train.tensorboard=false",
     "train.export_final=false",
+    "optimizer.schedule=constant",  # the schedule's length is compiled in: runs of any length share programs
 ]
 
 
@@ -35,7 +37,13 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SAFER_JAX_TEST"))}
+    # no JAX_ settings of this process leak in, except the session's compilation cache (conftest.py)
+    keep = (
+        "JAX_COMPILATION_CACHE_DIR",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+    )
+    env = {k: v for k, v in os.environ.items() if k in keep or not k.startswith(("JAX_", "SAFER_JAX_TEST"))}
     env.update(SAFER_JAX_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -45,7 +53,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def run_one(tmp: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = _env(tmp, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = _env(tmp, XLA_FLAGS=xla_flags(8))
     r = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -57,7 +65,7 @@ def start_two(tmp: Path, *args: str, per_process: dict[int, dict[str, str]] | No
     for i in range(2):
         env = _env(
             tmp,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
             SAFER_JAX_DISTRIBUTED="1",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
@@ -95,6 +103,18 @@ def run_two(tmp: Path, *args: str, ok: bool = True, **kw) -> list[tuple[int, str
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_data(traces, tmp_path_factory):
+    """48 bundled traces (harmful and not) for every run here: prefopt's reference pass then covers
+    a few hundred pairs, not the whole bundled set's thousands, and agreement needs no more."""
+    f = tmp_path_factory.mktemp("mp_data") / "traces.jsonl"
+    picked = [t for t in traces if t.label == "harmful"][:24] + [t for t in traces if t.label != "harmful"][:24]
+    f.write_text("".join(json.dumps(t.to_json()) + "\n" for t in picked))
+    COMMON.append(f"data.train={f}")
+    yield
+    COMMON.remove(f"data.train={f}")
 
 
 @pytest.fixture(scope="module")

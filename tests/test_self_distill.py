@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from safer_jax import generate, self_distill
 from safer_jax.self_distill import answer_prompts, drop_reason, filter_file, load_responses
 
@@ -75,3 +77,91 @@ def test_filter_drops_refusals_loops_and_unfinished_answers(tmp_path):
     assert filter_file(raw, tmp_path / "fit.jsonl") == (1, 4)
     dropped = [json.loads(x) for x in (tmp_path / "fit.jsonl.dropped.jsonl").read_text().splitlines()]
     assert {d["id"]: d["dropped"].split(" ")[0] for d in dropped}["no"] == "refusal"
+
+
+def test_rejection_samples_fill_in_for_unfit_greedy_answers(tmp_path, monkeypatch):
+    seen = []
+
+    def run(prompts, n, **kw):
+        seen.append(kw)
+        for j in range(len(prompts)):
+            yield j, [ord(c) for c in f"take {j}."], "stop"
+
+    monkeypatch.setattr(self_distill, "_load", lambda *a: (_Tok(), run))
+    monkeypatch.setattr(generate, "chat_prompt_ids", lambda tok, row: [ord(c) for c in row["prompt"]])
+    rows = [{"id": i, "prompt": i, "label": "benign"} for i in ("a", "b", "c")]
+    with pytest.raises(ValueError, match="temperature"):
+        answer_prompts(rows, tmp_path / "x.jsonl", num_samples=2, log=lambda m: None)
+    samples = tmp_path / "samples.jsonl"
+    assert answer_prompts(rows, samples, temperature=0.7, top_p=0.9, num_samples=2, log=lambda m: None) == 6
+    assert seen == [{"temperature": 0.7, "top_p": 0.9, "seed": 0}]
+    got = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert sorted((r["id"], r["sample"]) for r in got) == [(i, k) for i in "abc" for k in (0, 1)]
+    assert answer_prompts(rows, samples, temperature=0.7, num_samples=2, log=lambda m: None) == 0  # resumed
+    # candidates: the greedy answer first, then the samples in order; the first fit one is kept
+    greedy = tmp_path / "greedy.jsonl"
+    greedy.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"id": "a", "response": "Greedy and fine.", "finish_reason": "stop"},
+                {"id": "b", "response": "cut", "finish_reason": "length"},
+                {"id": "c", "response": "cut", "finish_reason": "length"},
+            ]
+        )
+    )
+    bad = {
+        "b": [("I'm sorry, but I can't help with that.", "stop"), ("Sample one.", "stop")],
+        "c": [("x", "length")] * 2,
+    }
+    samples.write_text(
+        "".join(
+            json.dumps({"id": i, "sample": k, "response": t, "finish_reason": f}) + "\n"
+            for i, opts in bad.items()
+            for k, (t, f) in enumerate(opts)
+        )
+    )
+    assert filter_file([greedy, samples], tmp_path / "fit.jsonl") == (2, 1)
+    assert load_responses(tmp_path / "fit.jsonl") == {"a": "Greedy and fine.", "b": "Sample one."}
+    (dropped,) = [json.loads(x) for x in (tmp_path / "fit.jsonl.dropped.jsonl").read_text().splitlines()]
+    assert dropped["id"] == "c" and dropped["dropped"].startswith("unfinished")
+
+
+def test_nucleus_pick_keeps_to_the_nucleus():
+    torch = pytest.importorskip("torch")
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 400))  # [B, V]
+    gen = torch.Generator().manual_seed(0)
+    assert self_distill._pick(logits, 0.0, 1.0, gen).tolist() == [0] * 400  # temperature 0: argmax
+    assert set(self_distill._pick(logits, 1.0, 0.4, gen).tolist()) == {0}  # the top token always stays
+    drawn = self_distill._pick(logits, 1.0, 0.7, gen).tolist()  # nucleus {0, 1}
+    assert set(drawn) == {0, 1} and 0.5 < drawn.count(0) / 400 < 0.75  # 0.5 / 0.8 = 0.625
+
+
+def test_cli_rejection_samples_only_the_unfit_prompts(tmp_path, monkeypatch):
+    from safer_jax import cli
+
+    answered = []
+
+    def run(prompts, n, **kw):
+        for j, ids in enumerate(prompts):
+            answered.append("".join(map(chr, ids)))
+            yield j, [ord(c) for c in "A sampled answer."], "stop"
+
+    monkeypatch.setattr(self_distill, "_load", lambda *a: (_Tok(), run))
+    monkeypatch.setattr(generate, "chat_prompt_ids", lambda tok, row: [ord(c) for c in row["prompt"]])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": i + "?", "label": "benign"}) + "\n" for i in "ab"))
+    greedy = tmp_path / "greedy.jsonl"
+    greedy.write_text(
+        json.dumps({"id": "a", "response": "Greedy.", "finish_reason": "stop"})
+        + "\n"
+        + json.dumps({"id": "b", "response": "Cut", "finish_reason": "length"})
+        + "\n"
+    )
+    filter_file(greedy, tmp_path / "greedy.fit.jsonl")
+    args = ["distill-responses", "--prompts", str(prompts), "--out", str(tmp_path / "samples.jsonl")]
+    args += ["--temperature", "0.7", "--num-samples", "2", "--skip-ids", str(tmp_path / "greedy.fit.jsonl")]
+    args += ["--prefer", str(greedy), "--filtered", str(tmp_path / "fit.jsonl")]
+    assert cli.main(args) == 0
+    assert answered == ["b?", "b?"]  # the fit greedy answer is not sampled again
+    assert load_responses(tmp_path / "fit.jsonl") == {"a": "Greedy.", "b": "A sampled answer."}

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from xla_flags import xla_flags
 
 from safer_jax.config import MeshConfig, SFTConfig, load_config
 from safer_jax.data import bundled
@@ -181,7 +182,7 @@ def test_unknown_override_lists_valid_keys(capsys, tmp_path):
 
 
 def runner(run_dir, *args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,
         str(ROOT / "tests" / "sft_runner.py"),
@@ -273,7 +274,7 @@ def test_kill_during_async_save_resumes_from_a_complete_checkpoint(uninterrupted
 
 def test_sigterm_saves_and_exits_zero_then_continues(uninterrupted, tmp_path):
     d = tmp_path / "term"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,
         "-m",
@@ -340,7 +341,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 def test_sft_reports_a_malformed_training_file_without_traceback(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(bundled("train_traces.jsonl").read_text().splitlines()[0] + "\n{oops\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     r = subprocess.run(
         [
             sys.executable,

@@ -65,7 +65,9 @@ def run_loop(
     spec: LoopSpec, run: Run, *, state: Any, train_iter: Any, graphdef: Any, hooks: Sequence[Callable] = ()
 ) -> dict[str, Any]:
     """Resume if possible, then train to `train.steps`; returns the final metrics, `state` and `export`.
-    Closes `run` (its checkpoint manager and tracker) when done."""
+    `hooks(step, state, metrics)` run after each step; one that returns True stops training after that
+    step (agreed by every process, then saved and exported as at the end). Closes `run` (its checkpoint
+    manager and tracker) when done."""
     tc, opt, mesh, ckpt, tracker = run.cfg.train, run.cfg.optimizer, run.mesh, run.checkpoints, run.tracker
     start = run.start_step
     if start:
@@ -122,10 +124,10 @@ def run_loop(
                 say(f"step {step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step % tc.checkpoint_every == 0:
                 ckpt.save(step, state, train_iter)
-            for hook in hooks:
-                hook(step, state, m)
+            # a hook that returns True asks to stop after this step (the demo's pacer: its share of a budget)
+            asked = [bool(hook(step, state, m)) for hook in hooks]
             time_up = deadline is not None and time.time() + _clock_skew() > deadline and step < tc.steps
-            sigterm, time_up = agree_flags(pre.flag, time_up)  # one all-gather per step for both
+            sigterm, time_up, hook_stop = agree_flags(pre.flag, time_up, any(asked) and step < tc.steps)
             if sigterm:
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, train_iter, force=True)
@@ -135,6 +137,9 @@ def run_loop(
             done = step
             if time_up:
                 say(f"train.max_minutes={tc.max_minutes:g} reached after step {step}; stopping there")
+                break
+            if hook_stop:
+                say(f"a hook asked to stop after step {step}; stopping there")
                 break
         if ckpt.latest_step() != done:
             ckpt.save(done, state, train_iter, force=True)
