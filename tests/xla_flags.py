@@ -1,11 +1,13 @@
 """XLA flags for test processes (this one and the subprocesses tests start).
 
-Test programs are tiny and most run a step or two, so compile time dominates: XLA:CPU's loop
-emitters at LLVM -O1 compile a tiny model's train step 2.6x faster (24 s -> 9 s here) and run it
-as fast (1.54 -> 1.52 s a step). Tests only: the library's own CPU defaults are set elsewhere.
+Test programs are tiny and most run a step or two, so compile time dominates: LLVM at -O1
+compiles a tiny model's train step about 18% faster (24 s -> 20 s here) and runs it as fast.
+(`--xla_cpu_use_fusion_emitters=false` would compile 2.6x faster, but its fusions round the
+policy's and the reference's log-probs differently, and the exact log-2 check at the reference
+fails; so it is not used.) Tests only: the library's own CPU defaults are set elsewhere.
 """
 
-FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
+FAST_COMPILE = ("--xla_backend_optimization_level=1",)
 
 
 def xla_flags(devices: int) -> str:
