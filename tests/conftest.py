@@ -2,10 +2,7 @@
 
 import os
 
-from xla_flags import with_fast_compile
-
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ["XLA_FLAGS"] = with_fast_compile(os.environ["XLA_FLAGS"])  # see tests/xla_flags.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,10 +12,10 @@ from safer_jax.config import MeshConfig
 from safer_jax.data.pairs import make_pairs
 from safer_jax.data.pipeline import PipelineConfig, preference_dataset
 from safer_jax.data.rules import load_rules
-from safer_jax.losses import span_logps, token_logps
+from safer_jax.losses import DEFAULT_HPARAMS, span_logps, token_logps
 from safer_jax.models import from_pretrained
 from safer_jax.sharding import make_mesh, shard_batch
-from safer_jax.training.preference import preference_step
+from safer_jax.training.preference import pair_span_logps, preference_step
 from safer_jax.training.sft import init_state
 
 
@@ -33,14 +33,25 @@ def setup(d, mesh=None, dtype="float32"):
 
 
 def test_loss_is_log_two_when_policy_equals_reference(tiny, traces):
+    """At the reference the loss is log 2 and every reward is zero, to float32 rounding: the
+    policy's span sums come from the differentiated forward and the reference's from a plain
+    one, two XLA programs that are equal in exact arithmetic but may round a sum differently
+    in its last place (a margin of -7.6e-7 seen here is beta x 1/16 of an ulp of the largest sum)."""
     d, ct = tiny
     graphdef, params, ref = setup(d)
     tx = optax.sgd(0.0)
+    batch = pair_batch(traces, ct)
     _, m = jax.jit(lambda s, b, r: preference_step(s, b, r, graphdef=graphdef, tx=tx))(
-        init_state(params, tx), pair_batch(traces, ct), ref
+        init_state(params, tx), batch, ref
     )
+    sums, _ = jax.jit(lambda p: pair_span_logps(p, graphdef, batch, 512))(ref)  # [2B]
+    beta = DEFAULT_HPARAMS["beta"]
+    ulp = float(np.spacing(np.float32(np.abs(np.asarray(sums)).max())))
+    assert np.abs(np.asarray(sums)).min() > 1.0  # real span sums, not empty spans
     assert math.isclose(float(m["loss"]), math.log(2.0), rel_tol=1e-6)
-    assert float(m["rewards/margin"]) == 0.0
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert abs(float(m[key])) <= beta * 2 * ulp, (key, float(m[key]), beta * ulp)
+    assert abs(float(m["rewards/margin"])) <= beta * 4 * ulp, (float(m["rewards/margin"]), beta * ulp)
 
 
 def test_only_span_tokens_carry_gradient():
