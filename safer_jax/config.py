@@ -172,6 +172,13 @@ class DataConfig:
     length_buckets: int = 0  # preference: 0 = rows of seq_len; n = rows of the shortest of n lengths that fits
     seed: int = 0
     skip_invalid: bool = False
+    read_threads: int = 2  # threads tokenizing records ahead of the step; 0 = in the training loop's thread
+    read_buffer: int = 0  # records tokenized ahead; 0 = four global batches' worth
+
+    def __post_init__(self) -> None:
+        for name in ("read_threads", "read_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must be 0 or more, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

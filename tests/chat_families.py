@@ -129,7 +129,8 @@ def build_family_model(fam: ChatFamily, folder: Path, texts: list[str]) -> Path:
     gen = {"eos_token_id": ids(fam.generation_eos)} if fam.generation_eos else None
     if gen and fam.bos:
         gen["bos_token_id"] = tok.convert_tokens_to_ids(fam.bos)
-    # one vocabulary size for all: families of one architecture compile to the same programs
+    # one vocabulary size for all, the session `tiny` model's: families of one architecture, and
+    # `configs/*/tiny.yaml` on the `tiny` model, compile to the same programs (a cache hit, not a compile)
     return build_tiny_model(
         folder,
         texts,
@@ -137,5 +138,5 @@ def build_family_model(fam: ChatFamily, folder: Path, texts: list[str]) -> Path:
         tokenizer=tok,
         eos_token_ids=ids(fam.config_eos or (fam.eos,)),
         generation_config=gen,
-        pad_vocab_to=1088,
+        pad_vocab_to=2048,
     )

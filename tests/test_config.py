@@ -45,3 +45,11 @@ def test_dotted_overrides_are_typed_by_the_field(tmp_path):
     f.write_text("model:\n  path: no\n")  # YAML's own bool for an unquoted no: named, not turned into "False"
     with pytest.raises(ConfigError, match=r"model.path: expected a string, got the bool False; quote it"):
         load_config(SFTConfig, str(f))
+
+
+def test_negative_read_ahead_names_the_field():
+    from safer_jax.config import SFTConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.read_threads: must be 0 or more, got -1"):
+        load_config(SFTConfig, None, ["data.read_threads=-1"])
+    assert load_config(SFTConfig, None, ["data.read_buffer=64"]).data.read_buffer == 64

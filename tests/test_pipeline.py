@@ -1,11 +1,13 @@
 """grain pipelines: packing, exact resume from iterator state, process sharding, pair layout."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from safer_jax.data import bundled
 from safer_jax.data.pairs import encode_pair, make_pairs, pair_from_record
-from safer_jax.data.pipeline import PipelineConfig, load_traces, preference_dataset, sft_dataset
+from safer_jax.data.pipeline import PipelineConfig, load_traces, preference_dataset, read_options, sft_dataset
 from safer_jax.data.tokenize import ChatTokenizer, TruncationStats
 
 
@@ -40,17 +42,28 @@ def test_sft_batches_are_packed_and_shifted(traces, ct):
     assert (b["targets"][0][:-1][same] == b["inputs"][0][1:][same]).all()
 
 
-def test_restored_iterator_yields_the_same_batches(traces, ct):
-    cfg = PipelineConfig(seq_len=256, batch_size=2, packing_bins=4, seed=3)
+@pytest.mark.parametrize("threads", [(2, 0), (0, 16), (8, 3)], ids=["2-then-inline", "inline-then-16", "8-then-3"])
+def test_restored_iterator_yields_the_same_batches(traces, ct, threads):
+    """Resuming gives the next batches exactly, whatever reads ahead before and after (threads, buffer)."""
+    cfg = PipelineConfig(seq_len=256, batch_size=2, packing_bins=4, seed=3, read_threads=threads[0])
     it = iter(sft_dataset(traces[:60], ct, cfg))
     take(it, 3)
     state = it.get_state()
     expect = take(it, 4)
-    it2 = iter(sft_dataset(traces[:60], ct, cfg))
+    other = dataclasses.replace(cfg, read_threads=threads[1], read_buffer=threads[1] // 4)
+    it2 = iter(sft_dataset(traces[:60], ct, other))
     it2.set_state(state)
     for a, b in zip(expect, take(it2, 4)):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_reading_ahead_is_a_few_global_batches_not_grains_remote_file_default():
+    """grain's default (16 threads, 500 records) refills 500 records after every set_state."""
+    opts = read_options(PipelineConfig(batch_size=8, process_count=4))
+    assert (opts.num_threads, opts.prefetch_buffer_size) == (2, 128)  # 4 global batches of 32 records
+    assert read_options(PipelineConfig(batch_size=8), per_element=8).prefetch_buffer_size == 4  # whole batches
+    assert read_options(PipelineConfig(read_threads=0, read_buffer=7)).prefetch_buffer_size == 7
 
 
 def test_shuffle_is_deterministic_by_seed_and_processes_are_disjoint(traces, ct):

@@ -43,6 +43,19 @@ class PipelineConfig:
     process_index: int = 0
     process_count: int = 1
     length_buckets: int = 0  # preference rows: 0 = every row seq_len long; n = n row lengths up to seq_len
+    read_threads: int = 2  # threads tokenizing ahead of the training loop; 0 = in the caller's thread
+    read_buffer: int = 0  # records tokenized ahead; 0 = four global batches' worth
+
+
+def read_options(cfg: PipelineConfig, per_element: int = 1) -> grain.ReadOptions:
+    """How far grain tokenizes ahead. Records live in memory and tokenizing is Python (GIL-bound),
+    so grain's defaults for remote files (16 threads, 500 records) only contend with the training
+    loop and refill 500 records after every `set_state` (each resume and each ahead-of-time peek).
+    A few threads and about four global batches keep the next batch ready without that.
+    `per_element`: batch rows one element already holds (1 for a record; a batch for buckets)."""
+    rows = cfg.batch_size * cfg.process_count
+    buffer = cfg.read_buffer or max(4, -(-4 * rows // per_element))
+    return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=buffer)
 
 
 def load_traces(
@@ -140,7 +153,7 @@ def sft_dataset(
 ) -> grain.IterDataset:
     """Tokenized, (first-fit) packed, batched SFT examples (`fmt` default: the tokenizer's trace format)."""
     stats = stats if stats is not None else TruncationStats()
-    ds = _base(traces, cfg).map(_TokenizeTrace(ct, fmt, cfg.seq_len, stats)).to_iter_dataset()
+    ds = _base(traces, cfg).map(_TokenizeTrace(ct, fmt, cfg.seq_len, stats)).to_iter_dataset(read_options(cfg))
     length = {k: cfg.seq_len for k in SFT_KEYS}
     if pack:
         ds = grain.experimental.FirstFitPackIterDataset(
@@ -236,7 +249,7 @@ def preference_dataset(
     items = [(i, p, None if ref_logps is None else ref_logps[i]) for i, p in enumerate(pairs)]
     if cfg.length_buckets:
         return _bucketed_pairs(items, ct, cfg, stats, with_index)
-    ds = _base(items, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset()
+    ds = _base(items, cfg).map(_TokenizePair(ct, cfg.seq_len, stats)).to_iter_dataset(read_options(cfg))
     return _global_batches(ds, cfg, drop_remainder).map(_StackPairs(with_index))
 
 
@@ -316,7 +329,8 @@ def _bucketed_pairs(
     ds = grain.MapDataset.source(local)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    return ds.repeat(cfg.num_epochs).map(_BucketBatch(ct, stats, with_index)).to_iter_dataset()
+    opts = read_options(cfg, per_element=cfg.batch_size)  # an element here is this process's whole batch
+    return ds.repeat(cfg.num_epochs).map(_BucketBatch(ct, stats, with_index)).to_iter_dataset(opts)
 
 
 def padding_fraction(batch: dict[str, np.ndarray]) -> float:

@@ -189,6 +189,8 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=n_proc,
         length_buckets=cfg.data.length_buckets,
+        read_threads=cfg.data.read_threads,
+        read_buffer=cfg.data.read_buffer,
     )
     stats = TruncationStats()
     train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))

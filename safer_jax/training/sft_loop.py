@@ -43,6 +43,8 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
         batch_size=cfg.data.batch_size // n_proc,
         seed=cfg.data.seed,
         packing_bins=cfg.data.packing_bins,
+        read_threads=cfg.data.read_threads,
+        read_buffer=cfg.data.read_buffer,
         process_index=jax.process_index(),
         process_count=n_proc,
     )
