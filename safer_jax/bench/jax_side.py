@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from safer_jax.bench.shapes import resolve_shape
-from safer_jax.bench.work import BenchSpec, batch, side_main, summarize
+from safer_jax.bench.work import BenchSpec, batch, minor_faults, side_main, summarize
+from safer_jax.host_memory import applied
 
 
 def build_model(spec: BenchSpec) -> Any:
@@ -126,17 +127,18 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         prof = Path(spec.profile)
         prof.mkdir(parents=True, exist_ok=True)
         (prof / f"jax_{spec.task}_step.hlo.txt").write_text(compiled.as_text())
-    times, losses = [], []
+    times, losses, faults = [], [], []
     for i, b in enumerate(batches):
         if i == 1 and spec.profile:
             jax.profiler.start_trace(str(Path(spec.profile) / "jax_trace"), create_perfetto_trace=True)
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         state, m = call(state, b)
         loss = float(m["loss"])  # waits for the step
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
+        faults.append(minor_faults() - f0)
         losses.append(loss)
-        log(f"step {i + 1}/{spec.steps} loss {loss:.6f} {times[-1]:.3f}s")
+        log(f"step {i + 1}/{spec.steps} loss {loss:.6f} {times[-1]:.3f}s {faults[-1]} page faults")
     if spec.profile:
         from safer_jax.bench.profile import format_top_ops, top_ops
 
@@ -157,6 +159,8 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         peak_memory_source=source,
         threads=_threads(),
         framework="jax",
+        page_faults_per_step=faults,
+        host_malloc_kept=applied(),
         **extra,
     )
 
@@ -172,6 +176,9 @@ def _threads() -> int | None:
 
 
 def main(argv: list[str]) -> int:
+    from safer_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does on CPU: each step reuses the last one's buffers
     return side_main(run, argv)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from safer_jax.bench.work import BenchSpec, batch, hf_shape, side_main, summarize
+from safer_jax.bench.work import BenchSpec, batch, hf_shape, minor_faults, side_main, summarize
 
 
 def block_mask(segment_ids: np.ndarray, window: int = 0) -> np.ndarray:
@@ -181,17 +181,21 @@ def run(spec: BenchSpec) -> dict[str, Any]:
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prof = None
-    times, losses = [], []
+    times, losses, faults = [], [], []
     for i, b in enumerate(batches):
         if i == 1 and spec.profile:
             prof = torch.profiler.profile(record_shapes=False)
             prof.__enter__()
         sync()
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         losses.append(step(b))
         sync()
         times.append(time.perf_counter() - t0)
-        print(f"[torch] step {i + 1}/{spec.steps} loss {losses[-1]:.6f} {times[-1]:.3f}s", file=sys.stderr)
+        faults.append(minor_faults() - f0)
+        print(
+            f"[torch] step {i + 1}/{spec.steps} loss {losses[-1]:.6f} {times[-1]:.3f}s {faults[-1]} page faults",
+            file=sys.stderr,
+        )
     if prof is not None:
         prof.__exit__(None, None, None)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
@@ -221,6 +225,7 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         threads=torch.get_num_threads(),
         framework="torch",
         compiled=spec.torch_compile,
+        page_faults_per_step=faults,
         **extra,
     )
 

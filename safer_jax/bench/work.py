@@ -190,6 +190,14 @@ def summarize(
     }
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far: each step's count shows how much memory it maps
+    afresh (first touches of newly mapped pages, which the kernel zeroes), a cost outside the ops."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def side_main(run: Any, argv: list[str], errors: tuple[type[BaseException], ...] = ()) -> int:
     """`python -m safer_jax.bench.<side> SPEC OUT`: run one side on the spec, write its JSON record.
     Input errors (and `errors`) exit 2 with the message only."""
