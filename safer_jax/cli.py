@@ -701,9 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from safer_jax.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # CPU backend: each step reuses the memory the last one freed (before JAX starts)
     from safer_jax.distributed import DistributedError, initialize
 
     try:

@@ -17,7 +17,6 @@ from typing import Any
 
 from safer_jax.bench.shapes import resolve_shape
 from safer_jax.bench.work import BenchSpec, batch, minor_faults, side_main, summarize
-from safer_jax.host_memory import applied
 
 
 def build_model(spec: BenchSpec) -> Any:
@@ -160,7 +159,6 @@ def run(spec: BenchSpec) -> dict[str, Any]:
         threads=_threads(),
         framework="jax",
         page_faults_per_step=faults,
-        host_malloc_kept=applied(),
         **extra,
     )
 
@@ -176,9 +174,6 @@ def _threads() -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    from safer_jax.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # as the CLI does on CPU: each step reuses the last one's buffers
     return side_main(run, argv)
 
 
