@@ -119,22 +119,19 @@ def evaluate(
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[EvalResult, EvalResult | None, dict[str, Path]]:
     """Evaluate `model` (and `baseline`: a model spec, or an earlier results.json / out folder); write reports."""
-    examples = list(examples)
-    res = _evaluate_one(
-        model,
-        gguf_file,
-        examples,
-        sampling,
-        batch_size,
-        judge,
-        mesh,
-        system_prompt,
-        generate_fn,
-        progress,
-        options,
-        "model",
-        chat_template_kwargs,
-    )
+    shared = dict(
+        examples=list(examples),
+        sampling=sampling,
+        batch_size=batch_size,
+        judge=judge,
+        mesh=mesh,
+        system_prompt=system_prompt,
+        generate_fn=generate_fn,
+        progress=progress,
+        options=options,
+        chat_template_kwargs=chat_template_kwargs,
+    )  # the model and a baseline model are evaluated alike
+    res = _evaluate_one(model, gguf_file, role="model", **shared)
     base = None
     if baseline:
         bpath = as_path(baseline)
@@ -142,21 +139,7 @@ def evaluate(
             base = EvalResult.load(bpath)
             base.info.setdefault("name", "baseline")
         else:
-            base = _evaluate_one(
-                baseline,
-                baseline_gguf_file,
-                examples,
-                sampling,
-                batch_size,
-                judge,
-                mesh,
-                system_prompt,
-                generate_fn,
-                progress,
-                options,
-                "baseline",
-                chat_template_kwargs,
-            )
+            base = _evaluate_one(baseline, baseline_gguf_file, role="baseline", **shared)
     paths = write_report(out_dir, res, base, title)
     return res, base, paths
 
