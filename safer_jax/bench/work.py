@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -193,8 +194,6 @@ def summarize(
 def minor_faults() -> int:
     """This process's minor page faults so far: each step's count shows how much memory it maps
     afresh (first touches of newly mapped pages, which the kernel zeroes), a cost outside the ops."""
-    import resource
-
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 

@@ -62,6 +62,8 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
                 batch_size=cfg.data.batch_size // n_proc,
                 shuffle=False,
                 num_epochs=None,
+                read_threads=cfg.data.read_threads,
+                read_buffer=cfg.data.read_buffer,
                 process_index=jax.process_index(),
                 process_count=n_proc,
             ),
