@@ -22,7 +22,7 @@ atexit.register(shutil.rmtree, _XLA_CACHE, True)
 os.environ.update(
     {
         "JAX_COMPILATION_CACHE_DIR": _XLA_CACHE,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
 )

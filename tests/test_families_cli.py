@@ -23,6 +23,7 @@ PREF_TINY = ROOT / "configs" / "prefopt" / "tiny.yaml"
 QUIET = ["train.tensorboard=false", "train.checkpoint_every=1000", "train.log_every=1", "train.export_final=false"]
 # the Llama 3.2 template renders today's date unless told otherwise: fixed, so ids do not drift
 KWARGS = {"llama3.2": ["data.chat_template_kwargs.date_string=26 Jul 2024"]}
+SEQ = 256  # one sequence length for every run here: runs of one architecture and mesh share programs
 PREFIX = ["<think>\n## Initial Assessment\nA request about locks.\n", "## Rule Verification\n"]
 
 
@@ -74,12 +75,12 @@ def _mesh_for_8(mesh: dict) -> list[str]:
 
 def _on_cpu(cfg_path: Path, model: str) -> list[str]:
     """Overrides that run a shipped config here: a tiny model, the mesh sized for 8 CPU devices,
-    data.seq_len <= 320, data.batch_size <= 8, XLA attention."""
+    data.seq_len <= SEQ, data.batch_size <= 8, XLA attention."""
     raw = yaml.safe_load(cfg_path.read_text())
     return [
         f"model.path={model}",
         "model.attention=xla",
-        f"data.seq_len={min(raw['data']['seq_len'], 320)}",
+        f"data.seq_len={min(raw['data']['seq_len'], SEQ)}",
         f"data.batch_size={min(raw['data']['batch_size'], 8)}",
         *_mesh_for_8(raw.get("mesh", {})),
         *QUIET,
@@ -254,7 +255,7 @@ def test_hub_ids_resolve_from_the_local_cache_for_model_and_reference(
         "preference.reference=cache",
         f"preference.cache_dir={tmp_path / 'c'}",
         f"data.train={small_traces}",
-        "data.seq_len=320",
+        f"data.seq_len={SEQ}",
         "train.steps=1",
         *QUIET,
     ]
@@ -288,7 +289,7 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
     )
     too_long = StepPair("too-long", "Hi", (), 4, " ".join(["word"] * 400), "No.", True, True)
     enc = encode_pair(ct, fits)
-    seq_len = 320  # with batch 8 and this architecture: programs the whole-CLI test compiled already
+    seq_len = SEQ  # with batch 8 and this architecture: programs the whole-CLI test compiled already
     assert len(enc["rejected_ids"]) > seq_len  # the context must be cut
     _, dropped = fit_pair(enc, seq_len)
     assert dropped == len(enc["rejected_ids"]) - seq_len
@@ -322,7 +323,7 @@ def test_pairs_lose_context_from_the_left_and_unfit_pairs_are_skipped_before_ste
         == 0
     )
     out = capsys.readouterr().out
-    skip = re.search(r"skipped 8/16 pairs whose scored span does not fit data\.seq_len=320", out)
+    skip = re.search(r"skipped 8/16 pairs whose scored span does not fit data\.seq_len=" + str(SEQ), out)
     step1 = out.find("step 1/1")
     assert skip and step1 > skip.start()  # counted and printed before training starts
 

@@ -15,12 +15,13 @@ import pytest
 from flax import nnx
 from xla_flags import xla_flags
 
-from safer_jax.config import MeshConfig, SFTConfig, load_config
+from safer_jax.config import MeshConfig, OptimizerConfig, SFTConfig, load_config
 from safer_jax.data import bundled
 from safer_jax.data.pipeline import PipelineConfig, sft_dataset
 from safer_jax.models import from_pretrained
 from safer_jax.sharding import make_mesh, shard_batch
-from safer_jax.training.sft import init_state, sft_step
+from safer_jax.training.optimizer import make_optimizer
+from safer_jax.training.sft import compile_step, init_state, sft_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "sft" / "tiny.yaml"
@@ -103,6 +104,31 @@ def test_gradient_accumulation_is_exact(tiny, traces):
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_run_in_one_process_reuses_the_compiled_step(tiny, traces):
+    """A fresh load of the same model with an equal optimizer config (a second CLI run in one
+    process, the next preference round) gets JAX's program back; anything else compiles its own."""
+    d, ct = tiny
+    batch = batches(traces[:8], ct, 1, 2)[0]
+
+    def compiled(opt: OptimizerConfig, chunk: int = 64):
+        graphdef, params = nnx.split(from_pretrained(d))
+        tx = make_optimizer(opt, 10)
+        state = init_state(params, tx)
+        fn = compile_step(sft_step, state, batch, None, log=lambda _: None, graphdef=graphdef, tx=tx, chunk=chunk)
+        return fn, state
+
+    first, state = compiled(OptimizerConfig(lr=1e-3))
+    again, state2 = compiled(OptimizerConfig(lr=1e-3))
+    assert make_optimizer(OptimizerConfig(lr=1e-3), 10) is make_optimizer(OptimizerConfig(lr=1e-3), 10)
+    assert again._executable is first._executable
+    assert compiled(OptimizerConfig(lr=2e-3))[0]._executable is not first._executable  # another schedule
+    assert compiled(OptimizerConfig(lr=1e-3), chunk=32)[0]._executable is not first._executable
+    (s1, m1), (s2, m2) = first(state, batch), again(state2, batch)
+    assert float(m1["loss"]) == float(m2["loss"])
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sharded_step_matches_unsharded(tiny, traces):

@@ -32,6 +32,7 @@ half entry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -276,6 +277,12 @@ class RefLogpCache:
         return final
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_proc", "chunk", "ld_alpha"))
+def _span_logps(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, n_proc: int, chunk: int, ld_alpha: float):
+    """`[2B]` span log-prob sums of a batch; module-level, so a second run in one process reuses its program."""
+    return pair_span_logps(params, graphdef, pair_layout(batch, 1, n_proc), chunk, ld_alpha)[0]
+
+
 def compute_ref_logps(
     ref_params: Any,
     graphdef: Any,
@@ -306,7 +313,7 @@ def compute_ref_logps(
     )
     # rows arrive as per-process blocks (chosen, rejected); pair_layout makes them one chosen block
     # and one rejected block, as the training step sees them (LD-DPO weighting pairs row i with B + i)
-    fn = jax.jit(lambda p, b: pair_span_logps(p, graphdef, pair_layout(b, 1, n_proc), chunk, ld_alpha)[0])
+    fn = functools.partial(_span_logps, graphdef=graphdef, n_proc=n_proc, chunk=chunk, ld_alpha=ld_alpha)
     out = np.full((len(padded), 2), np.nan, np.float32)
     n_batches = len(padded) // global_bs
     check_pair_rows(mesh, global_bs // n_proc)  # the values below are read as per-process blocks

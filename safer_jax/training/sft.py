@@ -8,6 +8,7 @@ mean, not a mean of means).
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -32,12 +33,18 @@ class TrainState:
 def init_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh | None = None) -> TrainState:
     """Optimizer moments are created under jit so each inherits its parameter's sharding;
     scalars (step, optimizer counts) are replicated over the mesh."""
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_jitted_init(tx)(params))
     if mesh is None:
         return state
     rep = NamedSharding(mesh, PartitionSpec())
     on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep)  # noqa: E731
     return jax.tree.map(on_mesh, state)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(tx: optax.GradientTransformation) -> Any:
+    """One jitted `tx.init` per optimizer (`make_optimizer` returns one object per config)."""
+    return jax.jit(tx.init)
 
 
 def sft_loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -115,6 +122,32 @@ def batch_shardings(mesh: Mesh | None, batch_shapes: dict[str, tuple[int, ...]])
     return {k: named_sharding(mesh, ("batch",) + (None,) * (len(s) - 1), s) for k, s in batch_shapes.items()}
 
 
+_STEPS: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # the last few jitted steps
+_STEPS_KEPT = 8
+
+
+def _jitted_step(step_fn: Any, static: dict[str, Any], in_sh: tuple[Any, ...], out_sh: tuple[Any, ...]) -> Any:
+    """`jax.jit` of the step with its shardings and the state donated, reused while the step
+    function, its static arguments and every sharding are equal: a second run in one process
+    (a test, a notebook, the next preference round) reuses JAX's traced, lowered and compiled
+    program instead of tracing again. Static arguments that cannot be hashed: a fresh jit."""
+    make = lambda: jax.jit(  # noqa: E731
+        functools.partial(step_fn, **static), in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,)
+    )
+    try:
+        (i_leaves, i_def), (o_leaves, o_def) = jax.tree.flatten(in_sh), jax.tree.flatten(out_sh)
+        key = (step_fn, tuple(sorted(static.items())), i_def, tuple(i_leaves), o_def, tuple(o_leaves))
+        hash(key)
+    except TypeError:
+        return make()
+    if key not in _STEPS:
+        _STEPS[key] = make()
+        while len(_STEPS) > _STEPS_KEPT:
+            _STEPS.popitem(last=False)
+    _STEPS.move_to_end(key)
+    return _STEPS[key]
+
+
 def compile_step(
     step_fn: Any,
     state: TrainState,
@@ -133,12 +166,7 @@ def compile_step(
     b_sh = batch_shardings(mesh, {k: v.shape for k, v in batch.items()})
     e_sh = tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
     rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(
-        functools.partial(step_fn, **static),
-        in_shardings=(s_sh, b_sh, *e_sh),
-        out_shardings=(s_sh, rep),
-        donate_argnums=(0,),
-    )
+    fn = _jitted_step(step_fn, static, (s_sh, b_sh, *e_sh), (s_sh, rep))
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
     compiled = fn.lower(state, abstract_batch, *extra).compile()
     mem = compiled.memory_analysis()

@@ -5,6 +5,7 @@ tracker) and the shared loop in `training/loop.py` owns I/O, logging, preemption
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -78,6 +79,12 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
     )
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _eval_loss_sums(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, chunk: int) -> Any:
+    """(NLL sum, token count) of an eval batch; module-level, so later runs in one process reuse it."""
+    return sft_loss(params, graphdef, batch, chunk)
+
+
 def _eval_loss(eval_fn: Any, state: Any, eval_ds: Any, mesh: Any, max_batches: int) -> float:
     total, count = 0.0, 0.0
     for i, local in enumerate(eval_ds):
@@ -98,7 +105,7 @@ def train_sft(cfg: SFTConfig, hooks: list[Any] = ()) -> dict[str, Any]:
     )
     evaluate = None
     if env["eval_ds"] is not None and tc.eval_every:
-        eval_fn = jax.jit(lambda p, b: sft_loss(p, graphdef, b, tc.loss_chunk))
+        eval_fn = functools.partial(_eval_loss_sums, graphdef=graphdef, chunk=tc.loss_chunk)
         evaluate = lambda state: {"loss": _eval_loss(eval_fn, state, env["eval_ds"], mesh, tc.eval_batches)}  # noqa: E731
     spec = LoopSpec(
         name="sft",
