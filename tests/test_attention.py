@@ -110,7 +110,8 @@ def test_decoder_with_splash_matches_xla(tmp_path):
     np.testing.assert_allclose(_real(out, seg), _real(ref, seg), atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_layout_backward_equals_autodiff_float64():
+@pytest.mark.parametrize("block", [0, 48])  # one block; three causal blocks of query rows, the last short
+def test_cpu_layout_backward_equals_autodiff_float64(block, monkeypatch):
     """The XLA:CPU forms (`matmuls`' and `_cpu_attention`'s hand-written backward, what one-device
     CPU runs take) give the einsum path's loss and gradients: a two-layer decoder (one layer
     with a sliding window) on packed rows with padding, float64, against the same model with
@@ -119,10 +120,12 @@ def test_cpu_layout_backward_equals_autodiff_float64():
 
     from flax import nnx
 
+    import safer_jax.models.attention as att
     import safer_jax.models.decoder as dec
     from safer_jax.bench.shapes import SHAPES
     from safer_jax.models import Decoder, from_hf_config
 
+    monkeypatch.setattr(att, "CPU_QUERY_BLOCK", block)
     seg = _packed()[3]
     with jax.enable_x64(True):
         cfg = from_hf_config(dict(SHAPES["tiny"]), where="test", dtype="float64", param_dtype="float64")

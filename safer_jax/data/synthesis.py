@@ -22,8 +22,6 @@ import json
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from safer_jax.data.records import DataError, SkipReport, read_records, require
 from safer_jax.data.rulecheck import repair_titles, rule_claim_problems
 from safer_jax.data.rules import RuleBook
 from safer_jax.data.traces import LABELS, SAFE_COMPLETE_CATEGORIES, Trace, TraceFormat, parse, validate
+from safer_jax.http_retry import GaveUp, Refused, Retry, post_json, with_retries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,46 +298,27 @@ class OpenAITeacher:
         self.temperature, self.max_tokens, self.fmt = temperature, max_tokens, fmt
 
     def _request(self, rec: PromptRecord) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": teacher_messages(rec, self.rules, self.fmt),
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            data = json.loads(r.read())
-        return data["choices"][0]["message"]["content"]
+        body = {
+            "model": self.model,
+            "messages": teacher_messages(rec, self.rules, self.fmt),
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        return post_json(self.url, body, self.key, self.timeout)["choices"][0]["message"]["content"]
 
     def __call__(self, rec: PromptRecord) -> Trace:
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            self.limiter.wait()
-            delay = self.backoff * (2**attempt)
+        def attempt() -> Trace:
             try:
-                text = self._request(rec)
-                return trace_from_text(rec, text, self.fmt)
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    raise TeacherError(f"endpoint refused the request: {last}") from None
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    delay = max(delay, float(retry_after))
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"network error: {getattr(e, 'reason', e)}"
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                last = f"broken response: {type(e).__name__}"
+                return trace_from_text(rec, self._request(rec), self.fmt)
             except TeacherError as e:  # a well-formed reply with a malformed trace: retry, it may vary
-                last = str(e)
-            if attempt < self.max_retries:
-                time.sleep(delay * (0.5 + random.random() / 2))
-        raise TeacherError(f"gave up after {self.max_retries + 1} attempts; last: {last}")
+                raise Retry(str(e)) from None
+
+        try:
+            return with_retries(attempt, max_retries=self.max_retries, backoff=self.backoff, before=self.limiter.wait)
+        except Refused as e:
+            raise TeacherError(f"endpoint refused the request: {e.last}") from None
+        except GaveUp as e:
+            raise TeacherError(f"gave up after {e.attempts} attempts; last: {e.last}") from None
 
 
 # ------------------------------------------------------------------ the driver

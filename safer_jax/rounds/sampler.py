@@ -13,16 +13,12 @@ carries the results already drawn (`done`), so the round loop saves them before 
 from __future__ import annotations
 
 import dataclasses
-import json
-import random
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from safer_jax.data.tokenize import ChatTokenizer
 from safer_jax.generate import SamplingConfig
+from safer_jax.http_retry import RequestFailed, post_json, with_retries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +105,6 @@ class OpenAISampler:
         ids = self.ct.prompt_ids(self.ct.messages(r.prompt), list(r.prefix))
         return self.ct.tok.decode(ids, skip_special_tokens=False)
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read())
-
     def one(self, r: Request, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
         body = {
             "model": self.model,
@@ -128,29 +116,22 @@ class OpenAISampler:
         }
         if r.stop:
             body["stop"] = list(r.stop)
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            try:
-                data = self._post(body)
-                choice = data["choices"][0]
-                text = str(choice.get("text") or "")
-                reason = "length" if choice.get("finish_reason") == "length" else "stop"
-                hit = choice.get("stop_reason")
-                if isinstance(hit, str) and hit in r.stop:  # vLLM names the stop string it dropped: put it back
-                    text, reason = text + hit, "stop_string"
-                tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-                return {"text": text, "finish_reason": reason, "completion_tokens": tokens}
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"network error: {getattr(e, 'reason', e)}"
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                last = f"broken response: {type(e).__name__}"
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
-        raise _Failed(f"{self.url} failed after {attempt + 1} attempts; last: {last}")
+
+        def attempt() -> dict[str, Any]:
+            data = post_json(self.url, body, self.key, self.timeout)
+            choice = data["choices"][0]
+            text = str(choice.get("text") or "")
+            reason = "length" if choice.get("finish_reason") == "length" else "stop"
+            hit = choice.get("stop_reason")
+            if isinstance(hit, str) and hit in r.stop:  # vLLM names the stop string it dropped: put it back
+                text, reason = text + hit, "stop_string"
+            tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
+            return {"text": text, "finish_reason": reason, "completion_tokens": tokens}
+
+        try:
+            return with_retries(attempt, max_retries=self.max_retries, backoff=self.backoff)
+        except RequestFailed as e:
+            raise _Failed(f"{self.url} failed after {e.attempts} attempts; last: {e.last}") from None
 
     def __call__(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[dict[str, Any]]:
         done: dict[str, dict[str, Any]] = {}
