@@ -120,8 +120,9 @@ def family_tokenizer(fam: ChatFamily, texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def build_family_model(fam: ChatFamily, folder: Path, texts: list[str]) -> Path:
-    """A random 2-layer decoder of the family's architecture, its tokenizer and generation config."""
+def build_family_model(fam: ChatFamily, folder: Path, texts: list[str], num_layers: int = 1) -> Path:
+    """A random decoder of the family's architecture (one layer: these models test templates and
+    the CLI, and each layer's kernels cost compile time), its tokenizer and generation config."""
     from safer_jax.models.tiny import build_tiny_model
 
     tok = family_tokenizer(fam, texts)
@@ -139,4 +140,5 @@ def build_family_model(fam: ChatFamily, folder: Path, texts: list[str]) -> Path:
         eos_token_ids=ids(fam.config_eos or (fam.eos,)),
         generation_config=gen,
         pad_vocab_to=2048,
+        num_layers=num_layers,
     )

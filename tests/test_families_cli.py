@@ -52,7 +52,7 @@ def _family_of(cfg_path: Path) -> str:
     if model.startswith("tiny"):
         return "tiny"
     if model == "smollm2":
-        return "chatml"  # SmolLM2: a Llama with a ChatML template, like the session's `tiny` model
+        return "chatml"  # SmolLM2: a Llama with a ChatML template, like `chatml_model`
     for prefix, fam in (
         ("meta-llama/Llama-3.1", "llama3.1"),
         ("meta-llama/Llama-3.2", "llama3.2"),
@@ -197,14 +197,24 @@ def test_whole_cli_runs_on_every_template(name, family_models, small_traces, tmp
 # ---------------------------------------------------------------------------- every shipped config
 
 
+@pytest.fixture(scope="module")
+def chatml_model(traces, tmp_path_factory):
+    """The session `tiny` model's family and ChatML template, one layer like the family models (so
+    `configs/*/tiny.yaml` on it share the Llama 3.2 whole-CLI test's programs)."""
+    from safer_jax.models.tiny import build_tiny_model
+
+    texts = [t.prompt for t in traces] + [t.response for t in traces] + [str(t.steps) for t in traces]
+    return build_tiny_model(tmp_path_factory.mktemp("chatml"), texts, num_layers=1)
+
+
 @pytest.mark.parametrize(
     "cfg_path", [p for p in SHIPPED if p not in IN_CLI_TEST], ids=lambda p: f"{p.parent.name}/{p.stem}"
 )
-def test_every_other_shipped_config_runs_one_step(cfg_path, family_models, tiny, small_traces, tmp_path):
+def test_every_other_shipped_config_runs_one_step(cfg_path, family_models, chatml_model, small_traces, tmp_path):
     fam = _family_of(cfg_path)
     # tiny.yaml's `model.path: tiny` (a model built in the run folder) is the same family and template
-    # as the session's `tiny` model; building it at run time is covered by the multi-process tests
-    model = str(tiny[0]) if fam in ("tiny", "chatml") else str(family_models[fam])
+    # as `chatml_model`; building it at run time is covered by the multi-process tests
+    model = str(chatml_model) if fam in ("tiny", "chatml") else str(family_models[fam])
     command = cfg_path.parent.name
     over = [f"run_dir={tmp_path / 'run'}", "train.steps=1", *_on_cpu(cfg_path, model), f"data.train={small_traces}"]
     if command == "prefopt":
