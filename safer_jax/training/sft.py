@@ -8,7 +8,6 @@ mean, not a mean of means).
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Any
 
@@ -122,30 +121,27 @@ def batch_shardings(mesh: Mesh | None, batch_shapes: dict[str, tuple[int, ...]])
     return {k: named_sharding(mesh, ("batch",) + (None,) * (len(s) - 1), s) for k, s in batch_shapes.items()}
 
 
-_STEPS: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # the last few jitted steps
-_STEPS_KEPT = 8
+def _jit_step(step_fn: Any, static: dict[str, Any], in_sh: Any, out_sh: Any) -> Any:
+    return jax.jit(functools.partial(step_fn, **static), in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_jit_step(step_fn: Any, static: tuple[Any, ...], in_sh: tuple[Any, Any], out_sh: tuple[Any, Any]) -> Any:
+    return _jit_step(step_fn, dict(static), jax.tree.unflatten(*in_sh), jax.tree.unflatten(*out_sh))
 
 
 def _jitted_step(step_fn: Any, static: dict[str, Any], in_sh: tuple[Any, ...], out_sh: tuple[Any, ...]) -> Any:
-    """`jax.jit` of the step with its shardings and the state donated, reused while the step
-    function, its static arguments and every sharding are equal: a second run in one process
-    (a test, a notebook, the next preference round) reuses JAX's traced, lowered and compiled
-    program instead of tracing again. Static arguments that cannot be hashed: a fresh jit."""
-    make = lambda: jax.jit(  # noqa: E731
-        functools.partial(step_fn, **static), in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,)
-    )
+    """`jax.jit` of the step with its shardings and the state donated, reused (the last 8) while
+    the step function, its static arguments and every sharding are equal: a second run in one
+    process (a test, a notebook, the next preference round) gets JAX's traced, lowered and
+    compiled program back. Static arguments that cannot be hashed: a fresh jit."""
+    (i_leaves, i_def), (o_leaves, o_def) = jax.tree.flatten(in_sh), jax.tree.flatten(out_sh)
     try:
-        (i_leaves, i_def), (o_leaves, o_def) = jax.tree.flatten(in_sh), jax.tree.flatten(out_sh)
-        key = (step_fn, tuple(sorted(static.items())), i_def, tuple(i_leaves), o_def, tuple(o_leaves))
-        hash(key)
+        return _cached_jit_step(
+            step_fn, tuple(sorted(static.items())), (i_def, tuple(i_leaves)), (o_def, tuple(o_leaves))
+        )
     except TypeError:
-        return make()
-    if key not in _STEPS:
-        _STEPS[key] = make()
-        while len(_STEPS) > _STEPS_KEPT:
-            _STEPS.popitem(last=False)
-    _STEPS.move_to_end(key)
-    return _STEPS[key]
+        return _jit_step(step_fn, static, in_sh, out_sh)
 
 
 def compile_step(
