@@ -33,15 +33,33 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     """Nucleus filter `[B, V]`: drop the least likely tokens whose cumulative mass is <= 1 - p.
 
-    Same rule as transformers' `TopPLogitsWarper`: ascending sort, cumulative softmax, the
-    most likely token always kept.
+    Same rule as transformers' `TopPLogitsWarper` (in ascending order of probability, a token
+    goes when the mass up to and including it is <= 1 - p; the most likely token always stays),
+    found without sorting: a sort of `[B, V]` costs seconds a decode step on CPU at V = 49152.
+    The removed tokens are those below a threshold probability, the smallest probability q
+    whose "mass of tokens with probability <= q" exceeds 1 - p. That mass only grows with q,
+    so a bisection over the bit patterns of the float32 probabilities (ordered as integers,
+    since they are non-negative) finds q exactly in 32 rounds of one `[B, V]` masked sum.
+    Only at exact ties with q does it differ: it keeps every tied token, where transformers'
+    sort keeps some of them.
     """
-    order = jnp.argsort(logits, axis=-1)  # ascending
-    ascending = jnp.take_along_axis(logits, order, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    remove_sorted = (cum <= 1.0 - p).at[..., -1].set(False)
-    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocab order
-    return jnp.where(remove, -jnp.inf, logits)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [B, V], monotone in probs (all >= 0)
+    target = 1.0 - p
+
+    def grows(t: jax.Array) -> jax.Array:  # [B]: mass of the tokens with bits <= t exceeds 1 - p
+        return jnp.sum(jnp.where(bits <= t[:, None], probs, 0.0), axis=-1) > target
+
+    def bisect(_, lo_hi):  # invariant: grows(hi), not grows(lo)
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        ok = grows(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    top = jnp.max(bits, axis=-1)  # [B] the most likely token: always kept
+    lo = jnp.full_like(top, -1)
+    _, hi = jax.lax.fori_loop(0, 32, bisect, (lo, top))
+    return jnp.where(bits < jnp.minimum(hi, top)[:, None], -jnp.inf, logits)
 
 
 def process_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:

@@ -5,10 +5,12 @@ model), then evaluates the baseline and the SFT'd model on the demo's evaluation
 default only its benign prompts, and prints their mean response tokens. Resumable: a finished
 stage (its output file) is skipped, SFT resumes from its checkpoint.
 
-    python scripts/sft_length_check.py --run-dir /work/x15_runs/sft15 [--no-time-cap]
+    python scripts/sft_length_check.py --run-dir runs/sft_length --sft-steps 11 [--sft-export DIR]
 
-`--no-time-cap` runs the plan's SFT steps without its `train.max_minutes` share (on a busy
-machine the cap would stop SFT after fewer steps than the demo plans).
+The demo paces its SFT stage by time (its share of the budget), so the step count here is
+explicit: `--sft-steps` (11 is what the demo's SFT stage ran in its last measured run,
+docs/results.md). `--sft-export` evaluates an SFT export made elsewhere with those settings
+instead of training one. Both evaluations are cached per machine like the demo's baseline.
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ def traces_fit(cfg: SFTConfig) -> tuple[int, int, int]:
 
 
 def _eval(path: str, gguf: str | None, examples: list, plan: demo.DemoPlan, name: str, out: Path) -> dict:
+    from safer_jax.demo_budget import Clock
+    from safer_jax.demo_eval import evaluate
+    from safer_jax.evaluation.result_cache import ResultCache
+
     if not out.exists():
         t0 = time.time()
-        res = demo._evaluate(path, gguf, examples, plan, name)
+        res, timing, _ = evaluate(path, gguf, examples, plan, name, Clock(), ResultCache())
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res.to_json(), indent=1))
-        print(f"{name} evaluation: {time.time() - t0:.0f} s", flush=True)
+        print(f"{name} evaluation: {time.time() - t0:.0f} s ({timing})", flush=True)
     return json.loads(out.read_text())["metrics"]
 
 
@@ -50,7 +56,8 @@ def main() -> None:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--budget-minutes", type=float, default=30.0, help="the demo's --budget-minutes (plan size)")
     ap.add_argument("--labels", default="benign", help="labels of the demo's sample to evaluate (comma-separated)")
-    ap.add_argument("--no-time-cap", action="store_true", help="SFT runs all planned steps (train.max_minutes=0)")
+    ap.add_argument("--sft-steps", type=int, default=11, help="SFT steps (the demo paces them by time)")
+    ap.add_argument("--sft-export", help="evaluate this SFT export (trained with these settings) instead of training")
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,9 +75,10 @@ def main() -> None:
             f"model.path={base_path}",
             f"model.gguf_file={gguf}",
             f"data.train={traces}",
-            f"train.steps={plan.sft_steps}",
-            f"train.max_minutes={0.0 if args.no_time_cap else plan.sft_minutes}",
-            f"train.checkpoint_every={max(plan.sft_steps // 3, 1)}",
+            f"data.seq_len={plan.sft_seq}",
+            f"data.batch_size={plan.sft_rows}",
+            f"train.steps={args.sft_steps}",
+            f"train.checkpoint_every={max(args.sft_steps // 3, 1)}",
             "train.log_every=1",
             *plan.sft_overrides,
         ],
@@ -79,8 +87,10 @@ def main() -> None:
     print(f"plan: {json.dumps(plan.to_json())}\n{len(examples)} eval prompts ({args.labels})", flush=True)
     print(f"{n_traces} SFT traces; {fit} fit seq_len {cfg.data.seq_len} uncut; {long_helpful} benign/borderline cut")
     base = _eval(base_path, gguf, examples, plan, "baseline", run_dir / "baseline" / "results.json")
-    export = run_dir / "sft" / "export"
+    export = Path(args.sft_export) if args.sft_export else run_dir / "sft" / "export"
     if not (export / "config.json").exists():
+        if args.sft_export:
+            raise SystemExit(f"--sft-export {export}: no config.json there")
         from safer_jax.training.sft_loop import train_sft
 
         t0 = time.time()

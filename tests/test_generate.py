@@ -149,6 +149,22 @@ def test_top_p_equals_transformers(p):
     np.testing.assert_array_equal(ours[kept], ref[kept])
 
 
+def test_top_p_equals_transformers_at_a_real_vocabulary_size():
+    """The bisection threshold (no sort) keeps exactly transformers' nucleus at V = 49152 (SmolLM2),
+    from peaked to flat distributions, including a row whose mass sits in one token."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    rs = np.random.RandomState(5)
+    logits = (rs.randn(6, 49152) * np.array([0.5, 1, 2, 4, 8, 1])[:, None]).astype(np.float32)
+    logits[5, 123] = 60.0  # nearly all the mass on one token: only it survives
+    for p in (0.05, 0.5, 0.9, 0.95, 0.999):
+        ref = np.isneginf(TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy())
+        ours = np.isneginf(np.asarray(G.top_p_filter(jax.numpy.asarray(logits), p)))
+        np.testing.assert_array_equal(ours, ref, err_msg=f"p={p}")
+        assert (~ours).sum(-1).min() >= 1
+    assert (~ours[5]).sum() == 1
+
+
 def test_temperature_top_k_top_p_chain_equals_transformers():
     from transformers.generation.logits_process import (
         LogitsProcessorList,
