@@ -20,8 +20,7 @@ Backends:
 On XLA:CPU with one device the decoder passes `cpu_layout=True`: the `xla` backend's values
 with a hand-written backward whose products need no transposed copy of the `[G*T, S]`
 scores (`_cpu_attention_bwd`; the profile in docs/benchmarks.md), computed in causal blocks of
-query rows that skip the keys after the block (`CPU_QUERY_BLOCK`). A KV-cache decode step
-(one query token) there is a multiply-and-sum in the cache's layout (`_cpu_decode_attention`).
+query rows that skip the keys after the block (`CPU_QUERY_BLOCK`).
 
 The fused backends serve the training and prefill forward (`T == S`, index = position in
 the row, as `Decoder.hidden_states` passes it); a KV-cache decode step (`T != S`) runs the
@@ -171,26 +170,6 @@ def _cpu_attention(q, k, v, inp: AttentionInputs):
     return jnp.concatenate(outs, axis=1)
 
 
-def _cpu_decode_attention(q, k, v, inp: AttentionInputs):
-    """The `xla` backend's values for one query token a row (a KV-cache decode step, XLA:CPU).
-
-    As einsums, one query row per head group makes batched `[G, H] x [H, S]` products over
-    (batch, kv head), which XLA:CPU runs as tiny dots after writing each layer's cached keys
-    and values transposed: a third of a SmolLM2 decode step at batch 64. Here the scores are
-    a multiply-and-sum over H and the output one over S, in the cache's own `[B, S, K, H]`
-    layout: each layer's cache is read once, nothing is copied."""
-    mask = inp.mask()  # [B, 1, S]
-    b, _, n, h = q.shape
-    kv = k.shape[2]
-    acc = jnp.promote_types(q.dtype, jnp.float32)
-    qg = q.reshape(b, 1, kv, n // kv, h).astype(acc)  # [B, 1, K, G, H], the 1 broadcasts over S
-    scores = jnp.sum(qg * k[:, :, :, None, :].astype(acc), axis=-1) * (h**-0.5)  # [B, S, K, G]
-    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(scores, axis=1)  # over S
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(acc), axis=1)  # [B, K, G, H]
-    return out.reshape(b, 1, n, h).astype(v.dtype)
-
-
 def _jax_attention(q, k, v, inp: AttentionInputs):
     """`jax.nn.dot_product_attention`'s XLA path with the dense mask."""
     return jax.nn.dot_product_attention(q, k, v, mask=inp.mask()[:, None, :, :])
@@ -307,8 +286,7 @@ def attention(
 ) -> jax.Array:
     """Grouped-query attention `[B, T, N, H]`; K must divide N. `cpu_layout` (XLA:CPU, one
     device) runs the `xla` backend with the backward of `_cpu_attention_bwd`, block-causal by
-    row: it takes `T == S` with index = position in the row, as `Decoder.hidden_states` passes;
-    or, for one query token against a longer cache, `_cpu_decode_attention`."""
+    row: it takes `T == S` with index = position in the row, as `Decoder.hidden_states` passes."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} unknown; choose from {sorted(ATTENTION_BACKENDS)}")
     if backend in FUSED and q.shape[1] != k.shape[1]:
@@ -317,5 +295,5 @@ def attention(
         require_hardware(backend)  # the splash backend may run in interpret mode on CPU (tests)
     inp = AttentionInputs(q_segment_ids, kv_segment_ids, q_index, kv_index, window)
     if backend == "xla" and cpu_layout:
-        return _cpu_decode_attention(q, k, v, inp) if q.shape[1] == 1 < k.shape[1] else _cpu_attention(q, k, v, inp)
+        return _cpu_attention(q, k, v, inp)
     return ATTENTION_BACKENDS[backend](q, k, v, inp)

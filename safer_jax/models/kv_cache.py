@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from safer_jax.models.attention import attention
 from safer_jax.models.config import DecoderConfig
-from safer_jax.models.decoder import Decoder, _cpu_matmuls, layer_output, layer_qkv, rms_norm
+from safer_jax.models.decoder import Decoder, layer_output, layer_qkv, rms_norm
 from safer_jax.models.rope import rope_tables
 from safer_jax.sharding import constrain, named_sharding
 
@@ -65,8 +65,7 @@ def _cached_layer(cfg, mesh, p, x, sin, cos, k_all, v_all, layer, start, q_seg, 
     v_all = constrain(jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at), mesh, CACHE_AXES)
     k_l = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(x.dtype)  # [B, S, K, H]
     v_l = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(x.dtype)
-    decode_cpu = q.shape[1] == 1 and _cpu_matmuls(mesh)  # one token a row: the CPU decode form
-    o = attention(q, k_l, v_l, q_seg, kv_seg, q_idx, kv_idx, window, cfg.attention, cpu_layout=decode_cpu)
+    o = attention(q, k_l, v_l, q_seg, kv_seg, q_idx, kv_idx, window, cfg.attention)
     return layer_output(cfg, mesh, w, x, o), k_all, v_all
 
 
