@@ -40,8 +40,9 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     whose "mass of tokens with probability <= q" exceeds 1 - p. That mass only grows with q,
     so a bisection over the bit patterns of the float32 probabilities (ordered as integers,
     since they are non-negative) finds q exactly in 32 rounds of one `[B, V]` masked sum.
-    Only at exact ties with q does it differ: it keeps every tied token, where transformers'
-    sort keeps some of them.
+    It differs only at exact ties with q (it keeps every tied token, where transformers' sort
+    keeps an order-dependent subset) and where 1 - p falls within a rounding error of a partial
+    sum (its masked sums add in another order than transformers' cumsum: one token can flip).
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [B, V], monotone in probs (all >= 0)
