@@ -57,10 +57,9 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
         ok = grows(mid)
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-    top = jnp.max(bits, axis=-1)  # [B] the most likely token: always kept
-    lo = jnp.full_like(top, -1)
-    _, hi = jax.lax.fori_loop(0, 32, bisect, (lo, top))
-    return jnp.where(bits < jnp.minimum(hi, top)[:, None], -jnp.inf, logits)
+    top = jnp.max(bits, axis=-1)  # [B] the most likely token; hi only moves down from it, so it stays
+    _, hi = jax.lax.fori_loop(0, 32, bisect, (jnp.full_like(top, -1), top))
+    return jnp.where(bits < hi[:, None], -jnp.inf, logits)
 
 
 def process_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
