@@ -110,7 +110,7 @@ def _decode(graphdef, state, ds: DecodeState, limit, *, sampler, mesh) -> Decode
     """Decode until `step == limit` or every row is done; one token per iteration."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
-    prompt_len = ds.cache.k.shape[2] - ds.tokens.shape[1]
+    prompt_len = ds.cache.k.shape[3] - ds.tokens.shape[1]  # cache [L, B, K, S, H]
 
     def cond(ds: DecodeState):
         return (ds.step < limit) & ~jnp.all(ds.done)

@@ -5,12 +5,13 @@ model), then evaluates the baseline and the SFT'd model on the demo's evaluation
 default only its benign prompts, and prints their mean response tokens. Resumable: a finished
 stage (its output file) is skipped, SFT resumes from its checkpoint.
 
-    python scripts/sft_length_check.py --run-dir runs/sft_length --sft-steps 11 [--sft-export DIR]
+    python scripts/sft_length_check.py --run-dir runs/sft_length --sft-steps 11 [--sft-export DIR | --sft-only]
 
 The demo paces its SFT stage by time (its share of the budget), so the step count here is
 explicit: `--sft-steps` (11 is what the demo's SFT stage ran in its last measured run,
 docs/results.md). `--sft-export` evaluates an SFT export made elsewhere with those settings
-instead of training one. Both evaluations are cached per machine like the demo's baseline.
+instead of training one; `--sft-only` trains the stage and stops (the start of the rounds
+measurement, docs/results.md). Both evaluations are cached per machine like the demo's baseline.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=30.0, help="the demo's --budget-minutes (plan size)")
     ap.add_argument("--labels", default="benign", help="labels of the demo's sample to evaluate (comma-separated)")
     ap.add_argument("--sft-steps", type=int, default=11, help="SFT steps (the demo paces them by time)")
+    ap.add_argument("--sft-only", action="store_true", help="train (or resume) the SFT stage and stop: no evaluation")
     ap.add_argument("--sft-export", help="evaluate this SFT export (trained with these settings) instead of training")
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
@@ -86,7 +88,8 @@ def main() -> None:
     _, fit, long_helpful = traces_fit(cfg)
     print(f"plan: {json.dumps(plan.to_json())}\n{len(examples)} eval prompts ({args.labels})", flush=True)
     print(f"{n_traces} SFT traces; {fit} fit seq_len {cfg.data.seq_len} uncut; {long_helpful} benign/borderline cut")
-    base = _eval(base_path, gguf, examples, plan, "baseline", run_dir / "baseline" / "results.json")
+    if not args.sft_only:
+        base = _eval(base_path, gguf, examples, plan, "baseline", run_dir / "baseline" / "results.json")
     export = Path(args.sft_export) if args.sft_export else run_dir / "sft" / "export"
     if not (export / "config.json").exists():
         if args.sft_export:
@@ -96,6 +99,9 @@ def main() -> None:
         t0 = time.time()
         res = train_sft(cfg)
         print(f"SFT: {res.get('step')} steps, {time.time() - t0:.0f} s, loss {res.get('loss')}", flush=True)
+    if args.sft_only:
+        print(f"SFT export: {export}")
+        return
     sft = _eval(str(export), None, examples, plan, "sft", run_dir / "sft_eval" / "results.json")
     summary = {"traces": n_traces, "traces_fit": fit, "seq_len": cfg.data.seq_len, "labels": sorted(labels)}
     for label in sorted(labels):

@@ -22,9 +22,10 @@ with a hand-written backward whose products need no transposed copy of the `[G*T
 scores (`_cpu_attention_bwd`; the profile in docs/benchmarks.md), computed in causal blocks of
 query rows that skip the keys after the block (`CPU_QUERY_BLOCK`).
 
-The fused backends serve the training and prefill forward (`T == S`, index = position in
-the row, as `Decoder.hidden_states` passes it); a KV-cache decode step (`T != S`) runs the
-`xla` path whatever the backend.
+The fused backends serve the training forward (`T == S`, index = position in the row, as
+`Decoder.hidden_states` passes it). The KV cache's prefill and decode steps run
+`kv_major_attention`, the `xla` path's math over the cache's `[B, K, S, H]` layout, whatever
+the backend.
 """
 
 from __future__ import annotations
@@ -104,16 +105,33 @@ def _ungrouped(x: jax.Array, t: int) -> jax.Array:
     return x.reshape(b, kv, gt // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * (gt // t), h)
 
 
-def _cpu_parts(q, k, v, mask):
+def _kv_major_parts(q, kt, vt, mask):
+    """Attention of q `[B, T, N, H]` over kv-head-major keys and values `[B, K, S, H]`."""
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = kt.shape[1]
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    qg, kt, vt = _grouped(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,GT,H], [B,K,S,H] x2
+    qg = _grouped(q, kv)  # [B, K, G*T, H]
     m = jnp.broadcast_to(mask[:, None, None], (b, 1, n // kv, t, mask.shape[-1])).reshape(b, 1, n // kv * t, -1)
     scores = jnp.einsum("BKMH,BKSH->BKMS", qg, kt, preferred_element_type=acc) * (h**-0.5)  # [B, K, G*T, S]
-    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(acc).min), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(acc).min), axis=-1).astype(vt.dtype)
     out = _ungrouped(jnp.einsum("BKMS,BKSH->BKMH", probs, vt), t)
     return out, (qg, kt, vt, probs, m)
+
+
+def _cpu_parts(q, k, v, mask):
+    return _kv_major_parts(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # k, v -> [B, K, S, H]
+
+
+def kv_major_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, K, S, H] kv-head-major, as the KV cache stores them
+    v: jax.Array,  # [B, K, S, H]
+    mask: jax.Array,  # [B, T, S] bool, from `attention_mask`
+) -> jax.Array:
+    """The `xla` backend's attention `[B, T, N, H]` over keys and values laid out `[B, K, S, H]`:
+    the KV-cache forward's, whose batched products then read the cache as it is stored
+    instead of a transposed copy of it per layer and step."""
+    return _kv_major_parts(q, k, v, mask)[0]
 
 
 @jax.custom_vjp

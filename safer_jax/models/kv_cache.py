@@ -1,6 +1,8 @@
 """The decoder's forward over a preallocated KV cache: prefill and one-token decode.
 
-Cache layout `[L, B, S, K, H]` (layers, batch, slots, kv heads, head dim). Slot s of every
+Cache layout `[L, B, K, S, H]` (layers, batch, kv heads, slots, head dim): kv-head-major, the
+layout of attention's batched products, so a step reads each layer's keys and values as they
+are stored rather than a transposed copy (`kv_major_attention`). Slot s of every
 row holds the key/value of buffer column s. Prompts are LEFT-padded to a common length P,
 so every row writes the same slots at each call (prefill: 0..P-1, decode step i: P+i) and
 one `dynamic_update_slice` per layer serves the whole batch. `segment_ids [B, S]` marks
@@ -21,23 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from safer_jax.models.attention import attention
+from safer_jax.models.attention import attention_mask, kv_major_attention
 from safer_jax.models.config import DecoderConfig
 from safer_jax.models.decoder import Decoder, layer_output, layer_qkv, rms_norm
 from safer_jax.models.rope import rope_tables
 from safer_jax.sharding import constrain, named_sharding
 
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32: 0 = left padding, 1 = a token is or will be there
 
 
 def cache_shape(cfg: DecoderConfig, batch: int, length: int) -> tuple[int, ...]:
-    return (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
 
 
 def cache_sharding(cfg: DecoderConfig, mesh: Mesh, batch: int, length: int):
@@ -60,12 +62,13 @@ def _cached_layer(cfg, mesh, p, x, sin, cos, k_all, v_all, layer, start, q_seg, 
     """One block: write this call's k/v at slots [start, start+T) of layer `layer`, attend to the cache."""
     w = {name: value.astype(x.dtype) for name, value in p.items()}
     q, k, v = layer_qkv(cfg, mesh, w, x, sin, cos)  # q [B, T, N, H]; k, v [B, T, K, H]
-    at = (layer, 0, start, 0, 0)
-    k_all = constrain(jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at), mesh, CACHE_AXES)
-    v_all = constrain(jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at), mesh, CACHE_AXES)
-    k_l = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(x.dtype)  # [B, S, K, H]
+    at = (layer, 0, 0, start, 0)
+    k, v = (a.transpose(0, 2, 1, 3)[None] for a in (k, v))  # [1, B, K, T, H]
+    k_all = constrain(jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), at), mesh, CACHE_AXES)
+    v_all = constrain(jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), at), mesh, CACHE_AXES)
+    k_l = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(x.dtype)  # [B, K, S, H]
     v_l = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(x.dtype)
-    o = attention(q, k_l, v_l, q_seg, kv_seg, q_idx, kv_idx, window, cfg.attention)
+    o = kv_major_attention(q, k_l, v_l, attention_mask(q_seg, kv_seg, q_idx, kv_idx, window))
     return layer_output(cfg, mesh, w, x, o), k_all, v_all
 
 
@@ -83,7 +86,7 @@ def forward_cached(
     """
     cfg = model.config
     b, t = input_ids.shape
-    s = cache.k.shape[2]
+    s = cache.k.shape[3]
     start = jnp.asarray(start, jnp.int32)
     q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
