@@ -110,7 +110,7 @@ def _decode(graphdef, state, ds: DecodeState, limit, *, sampler, mesh) -> Decode
     """Decode until `step == limit` or every row is done; one token per iteration."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
-    prompt_len = ds.cache.k.shape[3] - ds.tokens.shape[1]  # cache [L, B, K, S, H]
+    prompt_len = ds.cache.slots - ds.tokens.shape[1]
 
     def cond(ds: DecodeState):
         return (ds.step < limit) & ~jnp.all(ds.done)
@@ -132,8 +132,31 @@ def _decode(graphdef, state, ds: DecodeState, limit, *, sampler, mesh) -> Decode
     return jax.lax.while_loop(cond, body, ds)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "sampler", "slots", "record_logits", "mesh"))
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("ds",))
+# XLA:CPU compiles generation without YNNPACK fusions. At batch 64 its batched attention
+# products packed each layer's cached keys and values into freshly mapped memory at every step
+# (SmolLM2, 640 slots: about 500,000 page faults and 2.3 s a decode step, against 0.3 to 0.55 s
+# and 2,500 to 32,000 faults without; docs/benchmarks.md). Training keeps them (its layer
+# products gain from YNNPACK).
+CPU_GENERATION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+class _BackendJit:
+    """`jax.jit(fn)`, compiled with `CPU_GENERATION_OPTIONS` when the default backend is the CPU.
+    The choice is made at call time: reading the backend at import would start it."""
+
+    def __init__(self, fn: Callable, **kw: Any):
+        self._cpu = jax.jit(fn, compiler_options=CPU_GENERATION_OPTIONS, **kw)
+        self._other = jax.jit(fn, **kw)
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return (self._cpu if jax.default_backend() == "cpu" else self._other)(*args, **kw)
+
+    def _cache_size(self) -> int:
+        return self._cpu._cache_size() + self._other._cache_size()
+
+
+_prefill_jit = _BackendJit(_prefill, static_argnames=("graphdef", "sampler", "slots", "record_logits", "mesh"))
+_decode_jit = _BackendJit(_decode, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("ds",))
 
 
 # --------------------------------------------------------------------------- host side

@@ -209,6 +209,36 @@ def _dense_token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array) -> j
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _masked_dense_token_logps(hidden: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """`_dense_token_logps` for the positions `mask` marks only; the others get 0 at no cost.
+
+    The marked positions of the flattened `[B*T]` batch are moved to the front (a stable
+    partition, so their order is kept) and the logits are formed whole for each tile of T of
+    them; a tile past the last marked position is skipped (`lax.cond`), forward and backward.
+    SFT's prompt tokens and packing padding, or every token outside a preference span, then
+    cost none of the head's `[T, D] x [D, V]` products (the largest of a small model's step).
+    """
+    b, t, d = hidden.shape
+    live = mask.reshape(b * t).astype(bool)
+    order = jnp.argsort(~live, stable=True)  # [B*T]: marked positions first, in order
+    count = live.sum()
+    h = hidden.reshape(b * t, d)[order].reshape(b, t, d)
+    tg = targets.reshape(b * t)[order].reshape(b, t)
+    acc = jnp.promote_types(hidden.dtype, jnp.float32)
+    tiles = [
+        lax.cond(
+            i * t < count,
+            lambda h_i, t_i: _dense_token_logps(h_i[None], w, t_i[None])[0],
+            lambda h_i, t_i: jnp.zeros((t,), acc),
+            h[i],
+            tg[i],
+        )
+        for i in range(b)
+    ]
+    lp = jnp.zeros((b * t,), acc).at[order].set(jnp.concatenate(tiles), unique_indices=True)
+    return jnp.where(live, lp, 0.0).reshape(b, t)
+
+
 def _auto_vocab_chunk(b: int, t: int, v: int, dtype: Any) -> int:
     """8192 columns a tile, or the whole vocabulary on CPU when the full logits are small enough."""
     full = b * t * v * jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
@@ -223,9 +253,15 @@ def token_logps(
     chunk_size: int = 512,
     vocab_chunk: int | None = None,
     vocab_blocks: int = 16,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """log p(targets) `[B, T]` (float32, or float64 for float64 inputs) from hidden `[B, T, D]`,
     output weights `[D, V]` and integer targets `[B, T]`.
+
+    `mask` `[B, T]` (optional) marks the positions whose log-prob the caller uses; the others
+    are 0. Where the logits are formed whole (below), unmarked positions then cost nothing
+    (`_masked_dense_token_logps`); the tiled path computes every position. Pass it only for an
+    unsharded batch: it reorders positions across the whole batch.
 
     Logits are formed one `[B, chunk_size, ~vocab_chunk]` tile at a time (float32
     accumulation for bfloat16 inputs), in the forward pass and again in the backward pass;
@@ -241,8 +277,11 @@ def token_logps(
     v = w.shape[1]
     vocab_chunk = _auto_vocab_chunk(b, t, v, hidden.dtype) if vocab_chunk is None else vocab_chunk
     if chunk_size >= t and vocab_chunk >= v:
+        if mask is not None:
+            return _masked_dense_token_logps(hidden, w.astype(hidden.dtype), targets, mask)
         return _dense_token_logps(hidden, w.astype(hidden.dtype), targets)
-    return _tiled_token_logps(hidden, w.astype(hidden.dtype), targets, chunk_size, vocab_chunk, vocab_blocks)
+    lp = _tiled_token_logps(hidden, w.astype(hidden.dtype), targets, chunk_size, vocab_chunk, vocab_blocks)
+    return lp if mask is None else jnp.where(mask.astype(bool), lp, 0.0)
 
 
 def masked_nll(logps: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

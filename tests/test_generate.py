@@ -204,7 +204,7 @@ def test_sharded_generation_equals_unsharded(tiny_llama):
     sampling = SamplingConfig(max_new_tokens=N_NEW)
     assert generate_ids(model, prompts, sampling, mesh=mesh) == generate_ids(model, prompts, sampling)
     sh = cache_sharding(model.config, mesh, batch=4, length=64)  # 2 kv heads: sharded on tensor
-    assert sh.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, K, S, H]
+    assert sh.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)  # a layer's [B, K, S, H]
 
 
 def test_eos_and_stop_strings(tiny_llama):

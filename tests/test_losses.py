@@ -312,6 +312,66 @@ def test_token_logps_value_and_gradients_equal_full_logits_float64(b, t, d, v, c
     np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "marked, chunk, vocab_chunk",
+    [
+        ({0: [2, 3, 4], 1: [9], 2: [0, 3, 4, 7, 8]}, 10, None),  # 9 marked: 1 of 3 tiles of T computed
+        ({0: range(10), 2: [1]}, 10, None),  # 11 marked: 2 tiles computed, the second with one
+        ({}, 10, None),  # nothing marked: every tile skipped
+        ({0: [2, 3, 4], 1: [9], 2: [0, 3, 4, 7, 8]}, 4, 7),  # the tiled VJP: values masked
+    ],
+)
+def test_token_logps_mask_equals_full_logits_on_marked_positions_float64(marked, chunk, vocab_chunk):
+    """`mask`: marked positions get the full-logits log-prob and gradients, the others 0 and no
+    gradient. B*T = 3 * 10; where the logits are formed whole (chunk >= T, vocab_chunk >= V) the
+    marked positions are packed into tiles of T and tiles past them are skipped."""
+    rng = np.random.default_rng(3)
+    b, t, d, v = 3, 10, 6, 23
+    mask = np.zeros((b, t), bool)
+    for row, cols in marked.items():
+        mask[row, list(cols)] = True
+    with jax.enable_x64(True):
+        h = jnp.asarray(rng.normal(size=(b, t, d)))
+        w = jnp.asarray(rng.normal(size=(d, v)))
+        tgt = jnp.asarray(rng.integers(0, v, (b, t)))
+        ct = jnp.asarray(rng.normal(size=(b, t)))
+
+        def masked(h, w):
+            return token_logps(h, w, tgt, chunk, vocab_chunk=vocab_chunk or v, mask=jnp.asarray(mask))
+
+        def full(h, w):
+            return jnp.where(mask, full_logits_logps(h, w, tgt), 0.0)
+
+        def grads(fn):
+            return jax.jit(jax.grad(lambda h, w: (fn(h, w) * ct).sum(), argnums=(0, 1)))(h, w)
+
+        lp, want_lp = jax.jit(masked)(h, w), jax.jit(full)(h, w)
+        (dh, dw), (want_dh, want_dw) = grads(masked), grads(full)
+        lp, want_lp, dh, want_dh, dw, want_dw = map(np.asarray, (lp, want_lp, dh, want_dh, dw, want_dw))
+    assert (lp[~mask] == 0).all() and (lp[mask] < 0).all()
+    assert (dh[~mask] == 0).all()
+    np.testing.assert_allclose(lp, want_lp, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-12)
+
+
+def test_token_logps_mask_skips_the_head_products_of_unmarked_tiles():
+    """The masked whole-logits head is one conditional per tile of T positions, and the
+    skipped branch holds no product: a tile without marked positions costs no head dot."""
+    b, t, d, v = 2, 8, 4, 11
+    h, w = jnp.ones((b, t, d)), jnp.ones((d, v))
+    tgt, mask = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, t), bool)
+    fn = token_logps.__wrapped__ if hasattr(token_logps, "__wrapped__") else token_logps
+    jaxpr = jax.make_jaxpr(lambda h: fn(h, w, tgt, t, vocab_chunk=v, mask=mask))(h)
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == b
+    for e in conds:
+        skipped, computed = e.params["branches"]  # index 0: the predicate is false
+        assert "dot_general" not in str(skipped) and "dot_general" in str(computed)
+    out = jax.jit(lambda h: fn(h, w, tgt, t, vocab_chunk=v, mask=mask))(h)
+    assert (np.asarray(out) == 0).all()
+
+
 def test_token_logps_bfloat16_inputs_accumulate_in_float32():
     """bfloat16 hidden with float32 weights: log-probs come back float32 and match float32
     logits of the bfloat16-rounded inputs; gradients keep each input's dtype."""
