@@ -260,8 +260,9 @@ def token_logps(
 
     `mask` `[B, T]` (optional) marks the positions whose log-prob the caller uses; the others
     are 0. Where the logits are formed whole (below), unmarked positions then cost nothing
-    (`_masked_dense_token_logps`); the tiled path computes every position. Pass it only for an
-    unsharded batch: it reorders positions across the whole batch.
+    (`_masked_dense_token_logps`); the tiled path computes every position. The packing
+    reorders positions across the whole batch, so a batch-sharded one is gathered for it (the
+    whole-logits path is taken on CPU only).
 
     Logits are formed one `[B, chunk_size, ~vocab_chunk]` tile at a time (float32
     accumulation for bfloat16 inputs), in the forward pass and again in the backward pass;

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from safer_jax.losses import preference_loss, span_logps, token_logps
-from safer_jax.training.sft import TrainState, accumulate_grads, apply_gradients, unsharded
+from safer_jax.training.sft import TrainState, accumulate_grads, apply_gradients
 
 
 def reference_ld_alpha(ld_alpha: float, ld_reference: bool) -> float:
@@ -43,7 +43,7 @@ def pair_span_logps(
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
     hidden = model.hidden_states(ids[:, :-1], pos[:, :-1], seg[:, :-1])
     span = batch["span_mask"][:, 1:]
-    lp = token_logps(hidden, model.output_weights(), ids[:, 1:], chunk, mask=(span > 0) if unsharded(model) else None)
+    lp = token_logps(hidden, model.output_weights(), ids[:, 1:], chunk, mask=span > 0)
     return span_logps(lp, span, ld_alpha)
 
 

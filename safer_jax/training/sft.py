@@ -50,15 +50,9 @@ def sft_loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int
     """(sum of token NLL over loss tokens, number of loss tokens) for one microbatch."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    mask = batch["weights"] > 0 if unsharded(model) else None  # no head products for prompt or padding tokens
+    mask = batch["weights"] > 0  # prompt and padding tokens: no head products where the logits are whole
     logps = token_logps(hidden, model.output_weights(), batch["targets"], chunk, mask=mask)
     return masked_nll(logps, batch["weights"])
-
-
-def unsharded(model: Any) -> bool:
-    """Whether the model runs on one device, where the loss head may reorder a batch's positions
-    to skip those without loss (`losses.token_logps`'s mask)."""
-    return model.mesh is None or model.mesh.size == 1
 
 
 def _split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
