@@ -134,9 +134,8 @@ def _decode(graphdef, state, ds: DecodeState, limit, *, sampler, mesh) -> Decode
 
 # XLA:CPU compiles generation without YNNPACK fusions. At batch 64 its batched attention
 # products packed each layer's cached keys and values into freshly mapped memory at every step
-# (SmolLM2, 640 slots: about 500,000 page faults and 2.3 s a decode step, against 0.3 to 0.55 s
-# and 2,500 to 32,000 faults without; docs/benchmarks.md). Training keeps them (its layer
-# products gain from YNNPACK).
+# (SmolLM2, 640 slots: about 500,000 page faults and 1.7 s a decode step, against 3,500 faults
+# and 0.41 s without; docs/benchmarks.md). Training keeps them (its layer products gain).
 CPU_GENERATION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
