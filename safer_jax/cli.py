@@ -720,4 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from safer_jax.runtime_env import reexec_with_tunable
+
+    reexec_with_tunable()
     sys.exit(main())

@@ -44,7 +44,7 @@ from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eva
 
 # Priors, measured on this project's 2-core CPU (docs/benchmarks.md, docs/results.md); the budget
 # uses them only before this machine's own speed is measured, and for checkpoint cadence.
-SFT_STEP_S = {"smollm2": 46.0, "tiny": 0.5}  # one SFT step of 4 x 512 tokens
+SFT_STEP_S = {"smollm2": 20.0, "tiny": 0.5}  # one SFT step of the plan (16-19 s at 4 x 512 here, 2026-12-02)
 DECODE_STEP_S = {"smollm2": 1.4, "tiny": 0.02}  # one KV-cache decode step of a batch of 64 (320 new tokens)
 SETUP_S = {"smollm2": 120.0, "tiny": 15.0}  # a training stage before its first step: load, compile, reference pass
 TAIL_S = {"smollm2": 45.0, "tiny": 3.0}  # a training stage after its last step: final checkpoint, export
@@ -55,7 +55,13 @@ HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # with few preference steps, spend them on the pairs that decide refusing vs answering
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
-EVAL_MAX_NEW_TOKENS = 320  # a benign Ex-Ante answer: about 100 tokens of reasoning, then the answer
+# An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
+# answers (reasoning + response, SmolLM2 tokens) run to 573 (benign) and 644 (borderline): at 320,
+# 35% of benign and 69% of borderline ones would be cut, so "answered and finished" could not hold.
+EVAL_MAX_NEW_TOKENS = 640
+# SFT rows of 768 tokens hold every bundled trace whole (the longest, prompt included, is about
+# 700): at 512, a fifth of the borderline traces lost their ends, and with them their end of turn.
+SFT_SEQ, SFT_ROWS = 768, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +133,38 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
     )
     pref = ("optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
     if full:
-        return DemoPlan("smollm2", (0,) * len(EVAL_GROUPS), 320, 64, 0.0, 150, 4, 512, sft, 0, 150, 4, 256, pref)
+        return DemoPlan(
+            "smollm2",
+            (0,) * len(EVAL_GROUPS),
+            EVAL_MAX_NEW_TOKENS,
+            64,
+            0.0,
+            150,
+            SFT_ROWS,
+            SFT_SEQ,
+            sft,
+            0,
+            150,
+            4,
+            256,
+            pref,
+        )
     # caps far past what a CPU reaches in the budget: about 3 passes over the SFT traces, 5 over the pairs
     return DemoPlan(
-        "smollm2", EVAL_COUNTS, EVAL_MAX_NEW_TOKENS, 64, budget_minutes, 300, 4, 512, sft, -1, 300, 4, 256, pref
+        "smollm2",
+        EVAL_COUNTS,
+        EVAL_MAX_NEW_TOKENS,
+        64,
+        budget_minutes,
+        300,
+        SFT_ROWS,
+        SFT_SEQ,
+        sft,
+        -1,
+        300,
+        4,
+        256,
+        pref,
     )
 
 

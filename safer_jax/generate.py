@@ -7,6 +7,12 @@ Why it is built this way:
   argument: any number of steps runs from one compilation (`TRACE_COUNTS` counts traces).
 - EOS ids are checked on device every step; stop strings need text, so the host checks them
   between chunks of `STOP_STRING_CHECK_EVERY` steps (without stop strings: one call).
+- A batch decodes until its longest answer ends, and a decode step costs about the same per
+  row whether the row is finished or not. So greedy decoding on one device compacts: between
+  chunks, when the unfinished rows fit half the batch, they are gathered into a batch of the
+  next power of two (at least `COMPACT_MIN_ROWS`), one compiled decode per size. Greedy answers
+  are the same row for row; sampled ones are not (the random draw is per batch), so sampling
+  keeps its batch unless asked.
 - Sampling follows transformers' order: temperature, top-k, top-p, then a categorical draw,
   with the same filtering rules as its `TopKLogitsWarper` / `TopPLogitsWarper`.
 - With a mesh, the batch is sharded on ("data", "fsdp") and the cache's kv heads on
@@ -42,6 +48,7 @@ FINISH_REASONS = ("stop", "length", "stop_string")
 STOP_STRING_CHECK_EVERY = 16  # decode steps between host-side stop-string checks
 MIN_PROMPT_BUCKET = 16
 SLOT_BUCKET = 64  # cache lengths round up to a multiple of this
+COMPACT_MIN_ROWS = 8  # compaction halves the batch down to this many rows, no further
 # times each jitted function was traced (= compiled); a test asserts decode compiles once
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -158,6 +165,22 @@ _prefill_jit = _BackendJit(_prefill, static_argnames=("graphdef", "sampler", "sl
 _decode_jit = _BackendJit(_decode, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("ds",))
 
 
+def _take_rows(ds: DecodeState, rows: jax.Array) -> DecodeState:
+    """The decode state of batch rows `rows` [B'] only: every per-row leaf gathered on its batch axis."""
+    TRACE_COUNTS["take_rows"] += 1
+
+    def take(x: jax.Array) -> jax.Array:
+        return jnp.take(x, rows, axis=0)
+
+    c = ds.cache
+    cache = KVCache(tuple(map(take, c.k)), tuple(map(take, c.v)), take(c.segment_ids))
+    logits = None if ds.logits is None else take(ds.logits)
+    return ds._replace(cache=cache, tokens=take(ds.tokens), logits=logits, done=take(ds.done), offset=take(ds.offset))
+
+
+_take_rows_jit = jax.jit(_take_rows)
+
+
 # --------------------------------------------------------------------------- host side
 
 
@@ -234,12 +257,15 @@ def sample_batch(
     stream: int = 0,
     check_every: int = STOP_STRING_CHECK_EVERY,
     on_progress: Callable[[int], None] | None = None,
+    compact: bool | None = None,
 ) -> BatchOutput:
     """Generate for all `prompts` as one batch, stopping on exactly `eos_ids` (no model defaults).
 
     `decode` (ids -> text) is needed for stop strings; `stream` varies the random key
     (`fold_in(key(seed), stream)`) between batches of one request. `on_progress(step)` is
     called every `check_every` decode steps (the loop then returns to the host that often).
+    `compact`: drop finished rows from the batch as it goes (module docstring); default: when
+    greedy, on one device, without `record_logits`.
     """
     if sampling.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (ids -> text); generate_chat passes the tokenizer's")
@@ -266,6 +292,7 @@ def sample_batch(
     sampler = Sampler(
         sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p), sampling.logit_bias
     )
+    shrink = (sampling.greedy if compact is None else compact) and shards == 1 and not record_logits
     ds = _prefill_jit(
         graphdef,
         state,
@@ -283,32 +310,37 @@ def sample_batch(
     stops = sampling.stop_strings
     stop_at: dict[int, int] = {}  # row -> tokens kept (through the stop string)
     checked = [0] * len(prompts)
+    rows = np.arange(b)  # batch row -> prompt index (>= len(prompts): batch padding); compaction reorders
+    kept: dict[int, np.ndarray] = {}  # prompt index -> its generated tokens, once compacted away
     step = 1
     while True:
         if stops:
             tokens, done = _host(ds.tokens), _host(ds.done)
-            for i in range(len(prompts)):
-                if i in stop_at:
+            for j, i in enumerate(rows.tolist()):
+                if i >= len(prompts) or i in stop_at or i in kept:
                     continue
-                row = tokens[i, :step].tolist()
-                hit = [j for j, t in enumerate(row) if t in eos_ids]
+                row = tokens[j, :step].tolist()
+                hit = [t for t, tok in enumerate(row) if tok in eos_ids]
                 row = row[: hit[0] + 1] if hit else row
                 k = _first_stop(row, checked[i], decode, stops) if len(row) > checked[i] else None
                 checked[i] = len(row)
                 if k is not None:
-                    stop_at[i], done[i] = k, True
+                    stop_at[i], done[j] = k, True
             ds = ds._replace(done=jax.device_put(done, ds.done.sharding))
         if on_progress is not None:
             on_progress(step)
         if step >= n_new or _host(ds.done).all():
             break
-        limit = min(n_new, step + check_every) if stops or on_progress is not None else n_new
+        if shrink:
+            ds, rows = _compact(ds, rows, kept, len(prompts))
+        limit = min(n_new, step + check_every) if stops or on_progress is not None or shrink else n_new
         ds = _decode_jit(graphdef, state, ds, jnp.int32(limit), sampler=sampler, mesh=mesh)
         step = int(ds.step)
     tokens = _host(ds.tokens)
+    where = {int(i): j for j, i in enumerate(rows.tolist())}
     out_tokens, reasons = [], []
     for i in range(len(prompts)):
-        row = tokens[i, :n_new].tolist()
+        row = (kept[i] if i in kept else tokens[where[i]])[:n_new].tolist()
         hit = next((j for j, t in enumerate(row[:step]) if t in eos_ids), None)
         if i in stop_at:
             out_tokens.append(row[: stop_at[i]])
@@ -321,6 +353,26 @@ def sample_batch(
             reasons.append("length")
     logits = _host(ds.logits)[: len(prompts), :n_new] if record_logits else None
     return BatchOutput(out_tokens, reasons, logits, (b, p, slots))
+
+
+def _compact(
+    ds: DecodeState, rows: np.ndarray, kept: dict[int, np.ndarray], n_prompts: int
+) -> tuple[DecodeState, np.ndarray]:
+    """Gather the unfinished rows into a batch of the next power of two (at least
+    `COMPACT_MIN_ROWS`) when that halves the batch at least; the finished rows' tokens go to `kept`.
+    Finished rows fill the new batch's spare places (still finished: they decode padding)."""
+    done = _host(ds.done)
+    live = np.flatnonzero(~done)
+    size = _pow2(len(live), COMPACT_MIN_ROWS)
+    if size > len(rows) // 2:
+        return ds, rows
+    tokens = _host(ds.tokens)
+    finished = np.flatnonzero(done)
+    for j in finished:
+        if rows[j] < n_prompts:
+            kept.setdefault(int(rows[j]), tokens[j])
+    take = np.concatenate([live, finished[: size - len(live)]])
+    return _take_rows_jit(ds, jnp.asarray(take, jnp.int32)), rows[take]
 
 
 def generate_ids(
@@ -403,6 +455,7 @@ def generate_chat(
     mesh: Mesh | None = None,
     progress: bool = True,
     fmt: TraceFormat | None = None,
+    compact: bool | None = None,
 ) -> list[dict]:
     """Answer chat rows; returns per row, in input order, {"id", "text", "reasoning", "response",
     "prompt_tokens", "completion_tokens", "finish_reason"}.
@@ -411,6 +464,7 @@ def generate_chat(
     with `assistant_prefix` continues that assistant text; its `text` is prefix + continuation.
     Generation stops at the model's EOS ids and the tokenizer's end-of-turn ids (`stop_ids`).
     Rows are sorted by prompt length into batches (less padding, fewer shape buckets).
+    `compact`: as `sample_batch`'s (default: finished rows leave a greedy batch).
     """
     from tqdm.auto import tqdm
 
@@ -444,6 +498,7 @@ def generate_chat(
             mesh=mesh,
             decode=decode,
             stream=n,
+            compact=compact,
             on_progress=(lambda step, d=done_before: bar.update(d + step - bar.n)) if progress else None,
         )
         bar.update(done_before + sampling.max_new_tokens - bar.n)

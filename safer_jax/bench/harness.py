@@ -5,6 +5,10 @@ share a device, an allocator or a thread pool, and each side's peak memory is it
 The JAX side writes the model to a HF folder that the torch side loads, and both rebuild
 the same batches from the spec's seed (`work.py`). The record is written to `--json` as
 soon as each side is measured.
+
+The JAX side runs as safer-jax runs on CPU, with glibc's huge-page tunable (`runtime_env`); the
+torch side gets the environment the user started with, PyTorch eager as they would run it. Each
+side's `GLIBC_TUNABLES` is in the record (`allocator`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safer_jax.bench.shapes import resolve_shape
 from safer_jax.bench.work import BenchSpec
+from safer_jax.runtime_env import user_environ, with_tunable
 
 ATTENTION_NAMES = (
     "xla",
@@ -74,6 +80,17 @@ def _side(module: str, spec_path: Path, out_path: Path, env: dict[str, str]) -> 
     return json.loads(out_path.read_text())
 
 
+def side_environs(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(JAX side, torch side) environments: safer-jax's CPU allocator setting on the JAX side only,
+    the user's own environment on the torch side; both find this checkout's package first."""
+    src = str(Path(__file__).resolve().parents[2])
+    out = []
+    for env in (with_tunable(user_environ(environ)), user_environ(environ)):
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+        out.append(env)
+    return out[0], out[1]
+
+
 def run_bench(
     spec: BenchSpec,
     with_torch: bool = False,
@@ -88,8 +105,7 @@ def run_bench(
     spec = dataclasses.replace(spec, model_dir=str(tmp / "model"))
     spec_path = tmp / "spec.json"
     spec_path.write_text(spec.to_json())
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    jax_env, torch_env = side_environs(os.environ)
     record: dict[str, Any] = {
         "jax": None,
         "torch": None,
@@ -99,6 +115,7 @@ def run_bench(
         "command": command,
         "spec": dataclasses.asdict(spec),
         "load_average": list(os.getloadavg()),
+        "allocator": {"jax": jax_env.get("GLIBC_TUNABLES"), "torch": torch_env.get("GLIBC_TUNABLES")},
     }
 
     def save() -> None:
@@ -107,14 +124,14 @@ def run_bench(
             Path(json_path).write_text(json.dumps(record, indent=2))
 
     try:
-        record["jax"] = _side("jax_side", spec_path, tmp / "jax.json", env)
+        record["jax"] = _side("jax_side", spec_path, tmp / "jax.json", jax_env)
         record["device"] = record["jax"]["device"]
         save()
         sides = ([("torch", False)] if with_torch else []) + ([("torch_compile", True)] if spec.torch_compile else [])
         for name, compiled in sides:  # eager, then torch.compile, on the same weights and batches
             side_spec = tmp / f"{name}_spec.json"
             side_spec.write_text(dataclasses.replace(spec, torch_compile=compiled).to_json())
-            record[name] = _side("torch_side", side_spec, tmp / f"{name}.json", env)
+            record[name] = _side("torch_side", side_spec, tmp / f"{name}.json", torch_env)
             record[f"jax_over_{name}"] = record["jax"]["tokens_per_s"] / record[name]["tokens_per_s"]
             save()
         record["load_average_after"] = list(os.getloadavg())
