@@ -11,7 +11,6 @@ import sys
 import time
 from typing import Any
 
-from safer_jax.models.embedded import smollm2_location
 from safer_jax.paths import as_path
 
 
@@ -75,6 +74,7 @@ def _model_location(model: str | None, gguf_file: str | None) -> tuple[str, str 
     """`--model` (a hub id resolved once to its local snapshot), or the embedded SmolLM2-135M-Instruct
     for no model or `smollm2`."""
     from safer_jax.hub import resolve_path
+    from safer_jax.models.embedded import smollm2_location
 
     if model in (None, "smollm2"):
         folder, gguf = smollm2_location()

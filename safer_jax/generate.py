@@ -8,7 +8,7 @@ Why it is built this way:
 - EOS ids are checked on device every step; stop strings need text, so the host checks them
   between chunks of `STOP_STRING_CHECK_EVERY` steps (without stop strings: one call).
 - A batch decodes until its longest answer ends, and a decode step costs about the same per
-  row whether the row is finished or not. So greedy decoding on one device compacts: between
+  row whether the row is finished or not. So greedy decoding of an unsharded batch compacts: between
   chunks, when the unfinished rows fit half the batch, they are gathered into a batch of the
   next power of two (at least `COMPACT_MIN_ROWS`), one compiled decode per size. Greedy answers
   are the same row for row; sampled ones are not (the random draw is per batch), so sampling
@@ -265,7 +265,7 @@ def sample_batch(
     (`fold_in(key(seed), stream)`) between batches of one request. `on_progress(step)` is
     called every `check_every` decode steps (the loop then returns to the host that often).
     `compact`: drop finished rows from the batch as it goes (module docstring); default: when
-    greedy, on one device, without `record_logits`.
+    greedy, on an unsharded batch of at least 16 rows, without `record_logits`.
     """
     if sampling.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (ids -> text); generate_chat passes the tokenizer's")
@@ -292,7 +292,12 @@ def sample_batch(
     sampler = Sampler(
         sampling.greedy, float(sampling.temperature), int(sampling.top_k), float(sampling.top_p), sampling.logit_bias
     )
-    shrink = (sampling.greedy if compact is None else compact) and shards == 1 and not record_logits
+    shrink = (
+        (sampling.greedy if compact is None else compact)
+        and shards == 1
+        and not record_logits
+        and b >= 2 * COMPACT_MIN_ROWS  # a smaller batch can never halve: decode it in one call
+    )
     ds = _prefill_jit(
         graphdef,
         state,

@@ -209,7 +209,8 @@ def test_sharded_generation_equals_unsharded(tiny_llama):
 
 def test_compaction_keeps_greedy_answers(tiny_llama, monkeypatch):
     """Finished rows leave the batch (32 -> 16 -> 8 rows) and every row's greedy tokens and finish
-    reason are those of the uncompacted batch, with EOS ids and with a stop string."""
+    reason are those of the uncompacted batch, with EOS ids, and with a stop string that a row moved
+    by the first compaction meets only after it."""
     _, model = tiny_llama
     rng = np.random.RandomState(3)
     prompts = [rng.randint(3, 512, size=int(n)).tolist() for n in rng.randint(3, 15, size=24)]
@@ -217,26 +218,28 @@ def test_compaction_keeps_greedy_answers(tiny_llama, monkeypatch):
     free = sample_batch(model, prompts, SamplingConfig(max_new_tokens=n_new), compact=False).tokens
     eos = sorted({free[i][(7 * i) % n_new] for i in range(0, 24, 3)})  # rows end at scattered steps
     decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731
-    stop = f"<{free[1][9]}> <{free[1][10]}>"
-    for sampling in (
-        SamplingConfig(max_new_tokens=n_new),
-        SamplingConfig(max_new_tokens=n_new, stop_strings=(stop,)),
-    ):
+    plain = SamplingConfig(max_new_tokens=n_new)
+    base = sample_batch(model, prompts, plain, eos_ids=eos, compact=False, check_every=4)
+    long = [i for i, r in enumerate(base.finish_reasons) if r == "length"][-1]  # a row that runs to the limit
+    stop = f"<{base.tokens[long][28]}> <{base.tokens[long][29]}>"
+    for sampling in (plain, SamplingConfig(max_new_tokens=n_new, stop_strings=(stop,))):
         ref = sample_batch(model, prompts, sampling, eos_ids=eos, decode=decode, compact=False, check_every=4)
-        sizes: list[int] = []
+        seen: list[tuple[int, int]] = []  # (rows after, decode step) of each compaction
 
-        def spy(ds, rows, sizes=sizes, real=G._take_rows_jit):
-            sizes.append(int(rows.shape[0]))
+        def spy(ds, rows, seen=seen, real=G._take_rows_jit):
+            seen.append((int(rows.shape[0]), int(ds.step)))
             return real(ds, rows)
 
         monkeypatch.setattr(G, "_take_rows_jit", spy)
         out = sample_batch(model, prompts, sampling, eos_ids=eos, decode=decode, check_every=4)
         monkeypatch.undo()
         lengths = sorted(len(t) for t in ref.tokens)
-        print(f"stop strings {sampling.stop_strings}: answer lengths {lengths}, compacted to {sizes}")
-        assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] >= G.COMPACT_MIN_ROWS
+        print(f"stop strings {sampling.stop_strings}: answer lengths {lengths}, compactions (rows, step) {seen}")
+        assert [n for n, _ in seen] == [16, 8]
         assert out.tokens == ref.tokens and out.finish_reasons == ref.finish_reasons
         assert "stop" in out.finish_reasons and "length" in out.finish_reasons
+        if sampling.stop_strings:
+            assert out.finish_reasons[long] == "stop_string" and seen[0][1] < len(out.tokens[long])
 
 
 def test_eos_and_stop_strings(tiny_llama):
