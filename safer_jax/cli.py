@@ -720,7 +720,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from safer_jax.runtime_env import reexec_with_tunable
+    from safer_jax.runtime_env import console_entry
 
-    reexec_with_tunable()
-    sys.exit(main())
+    console_entry()

@@ -132,25 +132,8 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
         "optimizer.weight_decay=0.0",
     )
     pref = ("optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
-    if full:
-        return DemoPlan(
-            "smollm2",
-            (0,) * len(EVAL_GROUPS),
-            EVAL_MAX_NEW_TOKENS,
-            64,
-            0.0,
-            150,
-            SFT_ROWS,
-            SFT_SEQ,
-            sft,
-            0,
-            150,
-            4,
-            256,
-            pref,
-        )
     # caps far past what a CPU reaches in the budget: about 3 passes over the SFT traces, 5 over the pairs
-    return DemoPlan(
+    plan = DemoPlan(
         "smollm2",
         EVAL_COUNTS,
         EVAL_MAX_NEW_TOKENS,
@@ -166,6 +149,11 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
         256,
         pref,
     )
+    if full:  # no budget: fixed step counts, every evaluation prompt, all the pairs
+        return dataclasses.replace(
+            plan, eval_counts=(0,) * len(EVAL_GROUPS), budget_minutes=0.0, sft_steps=150, pref_pairs=0, pref_steps=150
+        )
+    return plan
 
 
 class DemoState:

@@ -9,12 +9,13 @@ those mappings (`madvise(MADV_HUGEPAGE)`): the faults fall to a few thousand a s
 step ran 8 to 23% faster on the project's 2-core CPU (docs/benchmarks.md, issue #14).
 
 glibc reads its tunables once, when the process starts, so the console entry point
-(`console_entry`, which imports nothing heavy before it) re-executes itself (same PID, same arguments) with the tunable set. It does not when `GLIBC_TUNABLES` is
-already set (the user's choice stands), off Linux, on a C library other than glibc 2.35 or
-newer, or with `SAFER_JAX_MALLOC_HUGETLB=0`. The
-kernel applies it only where transparent huge pages are `madvise` or `always`; with `never` it is
-a no-op. `ADDED_MARK` records that safer-jax, not the user, set it, so `user_environ` can give a
-child (the PyTorch baseline of `safer-jax bench`) the environment the user started with.
+(`console_entry`, which imports nothing heavy before it) re-executes itself (same PID, same
+arguments) with the tunable set. It does not when `GLIBC_TUNABLES` is already set (the user's
+choice stands), off Linux, on a C library other than glibc 2.35 or newer, or with
+`SAFER_JAX_MALLOC_HUGETLB=0`. The kernel applies it only where transparent huge pages are
+`madvise` or `always`; with `never` it is a no-op. `ADDED_MARK` records that safer-jax, not the
+user, set it, so `user_environ` can give a child (the PyTorch baseline of `safer-jax bench`) the
+environment the user started with.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def wanted(environ: Mapping[str, str], platform: str = sys.platform, glibc: tupl
         return False
     if environ.get(OPT_OUT, "1") == "0":
         return False
-    version = glibc if glibc is not None else (glibc_version() if platform == sys.platform else (2, 35))
+    version = glibc or glibc_version()
     return version is not None and version >= (2, 35)
 
 
@@ -75,12 +76,11 @@ def reexec_with_tunable() -> None:
     Call it first thing in a console entry point, before JAX or torch allocate anything."""
     if not wanted(os.environ) or not sys.executable:
         return
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
     try:
-        os.execve(sys.executable, argv, with_tunable(os.environ))
+        os.execve(sys.executable, sys.orig_argv, with_tunable(os.environ))
     except (OSError, TypeError, ValueError):  # cannot re-execute (an unusual interpreter): glibc's defaults
         return
 

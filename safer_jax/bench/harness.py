@@ -83,12 +83,9 @@ def _side(module: str, spec_path: Path, out_path: Path, env: dict[str, str]) -> 
 def side_environs(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(JAX side, torch side) environments: safer-jax's CPU allocator setting on the JAX side only,
     the user's own environment on the torch side; both find this checkout's package first."""
-    src = str(Path(__file__).resolve().parents[2])
-    out = []
-    for env in (with_tunable(user_environ(environ)), user_environ(environ)):
-        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-        out.append(env)
-    return out[0], out[1]
+    user = user_environ(environ)
+    user["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), user.get("PYTHONPATH", "")])
+    return with_tunable(user), user
 
 
 def run_bench(
