@@ -51,6 +51,11 @@ TAIL_S = {"smollm2": 45.0, "tiny": 3.0}  # a training stage after its last step:
 RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the end of the budget
 FINAL_LOAD_S = {"smollm2": 20.0, "tiny": 5.0}  # loading the aligned model (a HF folder, not the GGUF file)
 QUICK_BUDGET_MINUTES = 3.0
+# seconds per token of a preference step (rows of 256, reference log-probs cached) over an SFT step's
+# (rows of 768): 0.79 in the fourth demo run (15.4 s a step of 2 x 4 x 256 against SFT's 21.9 s of
+# 3 x 768). The 4/3 guessed before sized 6 steps of pairs for a share that ran 15, so each pair was
+# seen 2.5 times and the stage over-fitted (docs/results.md).
+PREF_TOKEN_COST = 0.8
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # with few preference steps, spend them on the pairs that decide refusing vs answering
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
@@ -413,14 +418,18 @@ def _checkpoint_every(share: float | None, step_s: float, cap: int) -> int:
     return max(expected // 3, 1)
 
 
+def pref_step_estimate(plan: DemoPlan, sft_step_s: float) -> float:
+    """Seconds a preference step of the plan takes, from SFT's measured seconds per step."""
+    return sft_step_s * (2 * plan.pref_rows * plan.pref_seq) / (plan.sft_rows * plan.sft_seq) * PREF_TOKEN_COST
+
+
 def _pairs_wanted(plan: DemoPlan, sft: dict[str, Any], budget: Budget | None, later_s: float) -> int:
     """Pairs for the preference stage: with a budget, the steps its share fits at SFT's measured speed
-    (a preference step holds 2 x rows of pref_seq tokens; the reference pass costs about a third more),
+    (a preference step holds 2 x rows of pref_seq tokens, at PREF_TOKEN_COST of an SFT token's time),
     each pair seen about once; without one, plan.pref_pairs (0 = all)."""
     if budget is None or plan.pref_pairs >= 0:
         return plan.pref_pairs
-    sft_step_s = sft.get("step_s") or SFT_STEP_S[plan.model]
-    pref_step_s = sft_step_s * (2 * plan.pref_rows * plan.pref_seq) / (plan.sft_rows * plan.sft_seq) * 4 / 3
+    pref_step_s = pref_step_estimate(plan, sft.get("step_s") or SFT_STEP_S[plan.model])
     share = training_share(budget.left(), later_s, 1.0) - SETUP_S[plan.model] - TAIL_S[plan.model]
     steps = min(plan.pref_steps, max(2, int(share // max(pref_step_s, 1e-9))))
     _say(f"pairs: about {steps} preference steps fit ({pref_step_s:.1f} s a step, from SFT's measured speed)")
