@@ -52,9 +52,8 @@ RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the en
 FINAL_LOAD_S = {"smollm2": 20.0, "tiny": 5.0}  # loading the aligned model (a HF folder, not the GGUF file)
 QUICK_BUDGET_MINUTES = 3.0
 # seconds per token of a preference step (rows of 256, reference log-probs cached) over an SFT step's
-# (rows of 768): 0.79 in the fourth demo run (15.4 s a step of 2 x 4 x 256 against SFT's 21.9 s of
-# 3 x 768). The 4/3 guessed before sized 6 steps of pairs for a share that ran 15, so each pair was
-# seen 2.5 times and the stage over-fitted (docs/results.md).
+# (rows of 768), measured by the demo: 0.79 in the fourth run, 0.65 in the fifth (docs/results.md).
+# The guessed 4/3 it replaced sized 24 pairs for a stage that ran 15 steps (each pair seen 2.5 times).
 PREF_TOKEN_COST = 0.8
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # with few preference steps, spend them on the pairs that decide refusing vs answering
