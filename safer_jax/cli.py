@@ -479,6 +479,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         lr=args.lr,
         attention=args.attention,
+        matmul_dtype=args.matmul_dtype,
         torch_compile=args.torch_compile,
         profile=args.profile or "",
     )
@@ -669,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seq", type=int, default=512)
     be.add_argument("--batch", type=int, default=4, help="rows (sft) or pairs (prefopt) per step")
     be.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16 (float32 parameters)")
+    be.add_argument(
+        "--matmul-dtype",
+        default=None,
+        help="JAX matmul operand dtype (bfloat16: bf16 products, float32 accumulation; default: --dtype)",
+    )
     be.add_argument("--steps", type=int, default=4, help="steps per side; step 1 is the untimed warm-up")
     be.add_argument("--torch", action="store_true", help="also run the PyTorch eager baseline")
     be.add_argument("--torch-compile", action="store_true", help="the PyTorch baseline under torch.compile")

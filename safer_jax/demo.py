@@ -129,13 +129,22 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
             384,
             ("optimizer.lr=1e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.5"),
         )
+    # bf16 products with float32 accumulation, parameters and activations: 1.56 times the float32
+    # SFT step on this machine's AMX CPU (docs/benchmarks.md); the evaluations keep float32
     sft = (
+        "model.matmul_dtype=bfloat16",
         "optimizer.lr=2.5e-4",
         "optimizer.schedule=constant",
         "optimizer.warmup_steps=0",
         "optimizer.weight_decay=0.0",
     )
-    pref = ("optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.1")
+    pref = (
+        "model.matmul_dtype=bfloat16",
+        "optimizer.lr=1e-5",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "preference.beta=0.1",
+    )
     # caps far past what a CPU reaches in the budget: about 3 passes over the SFT traces, 5 over the pairs
     plan = DemoPlan(
         "smollm2",

@@ -4,7 +4,8 @@
 
 Random prompts of `--prompt` tokens, no EOS (every row decodes every step). The step time is
 (a run of `--tokens` new tokens - a run of 1) / (`--tokens` - 1), after a compiling run of
-each, so it excludes the prefill and compilation. One device, float32.
+each, so it excludes the prefill and compilation. One device, float32 (`--matmul-dtype bfloat16`:
+bf16 products accumulated in float32).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numpy as np
 
 from safer_jax.generate import SamplingConfig, sample_batch
 from safer_jax.models import from_pretrained
+from safer_jax.models.embedded import smollm2_location
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="an HF folder, or a name `from_pretrained` knows")
+    ap.add_argument("--model", default="smollm2", help="an HF folder, or smollm2 (the embedded default)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=120, help="prompt tokens per row")
     ap.add_argument("--tokens", type=int, default=33, help="new tokens of the timed run")
@@ -32,10 +34,12 @@ def main() -> None:
         "--progress", action="store_true", help="return to the host every 16 steps, as `generate_chat`'s progress bar"
     )
     ap.add_argument("--max-new", type=int, default=0, help="cache slots for this many new tokens (default --tokens)")
+    ap.add_argument("--matmul-dtype", default=None, help="the matmuls' operand dtype (bfloat16; default float32)")
     args = ap.parse_args()
     if args.tokens < 2:
         raise SystemExit(f"--tokens must be at least 2, got {args.tokens}")
-    model = from_pretrained(args.model, dtype="float32")
+    folder, gguf = smollm2_location() if args.model == "smollm2" else (args.model, None)
+    model = from_pretrained(folder, gguf_file=gguf, dtype="float32", matmul_dtype=args.matmul_dtype)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 40000, size=args.prompt).tolist() for _ in range(args.batch)]
 

@@ -27,9 +27,16 @@ def build_model(spec: BenchSpec) -> Any:
 
     kind, what = resolve_shape(spec.model)
     if kind == "dir":
-        return from_pretrained(what, dtype=spec.dtype, param_dtype="float32", attention=spec.attention)
+        return from_pretrained(
+            what, dtype=spec.dtype, param_dtype="float32", attention=spec.attention, matmul_dtype=spec.matmul_dtype
+        )
     cfg = from_hf_config(
-        what, where=f"shape {spec.model}", dtype=spec.dtype, param_dtype="float32", attention=spec.attention
+        what,
+        where=f"shape {spec.model}",
+        dtype=spec.dtype,
+        param_dtype="float32",
+        attention=spec.attention,
+        matmul_dtype=spec.matmul_dtype,
     )
     with nnx.use_eager_sharding(False):
         return Decoder(cfg, rngs=nnx.Rngs(spec.seed))

@@ -43,6 +43,7 @@ class BenchSpec:
     weight_decay: float = 0.01
     beta: float = 0.1
     attention: str = "xla"
+    matmul_dtype: str | None = None  # the JAX side's matmul operand dtype (None: `dtype`)
     chunk: int = 512
     torch_compile: bool = False
     profile: str = ""
@@ -53,6 +54,8 @@ class BenchSpec:
             raise ValueError(f"--task {self.task!r} unknown; choose from {TASKS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} unknown; choose from {DTYPES}")
+        if self.matmul_dtype not in (None, *DTYPES):
+            raise ValueError(f"--matmul-dtype {self.matmul_dtype!r} unknown; choose from {DTYPES}")
         if self.steps < 2:
             raise ValueError(f"--steps {self.steps}: needs at least 2 (step 1 is the untimed warm-up)")
         if self.seq < 16 or self.batch < 1:

@@ -19,6 +19,9 @@ class ModelConfigError(ValueError):
     """A `config.json` we cannot honour exactly; the message names the file and key."""
 
 
+MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     model_type: str
@@ -49,6 +52,9 @@ class DecoderConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "xla"
+    # operand dtype of the block's and head's matmuls (e.g. "bfloat16"), accumulated in `dtype`;
+    # None = `dtype` itself. Activations, norms and softmax stay in `dtype`.
+    matmul_dtype: str | None = None
     # the source config.json / generation_config.json text, kept so export preserves extras
     hf_config_json: str = ""
     generation_config_json: str = ""
@@ -60,6 +66,8 @@ class DecoderConfig:
             raise ModelConfigError(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
             )
+        if self.matmul_dtype not in (None, *MATMUL_DTYPES):
+            raise ModelConfigError(f"matmul_dtype={self.matmul_dtype!r} is not one of {MATMUL_DTYPES} (or None)")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"

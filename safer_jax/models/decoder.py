@@ -100,46 +100,75 @@ def _cpu_matmuls(mesh: Mesh | None) -> bool:
     return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1)
 
 
-@jax.custom_vjp
-def matmuls(x: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """`x @ w` for each `w` of `ws`: x `[M, K]`, each w `[K, N_i]` -> `[M, N_i]`.
+def _cast(x: jax.Array, compute: str | None) -> jax.Array:
+    return x if compute is None else x.astype(compute)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmuls(x: jax.Array, ws: tuple[jax.Array, ...], compute: str | None = None) -> tuple[jax.Array, ...]:
+    """`x @ w` for each `w` of `ws`: x `[M, K]`, each w `[K, N_i]` -> `[M, N_i]` in x's dtype.
 
     Same values as the einsums; the point is the backward on XLA:CPU. Autodiff's weight
     gradient `x^T @ g` contracts the major axis of both activations, and XLA:CPU then writes
     each `g` (`[M, N_i]`, the larger side) transposed and runs an Eigen dot. Here `x^T` is
     written once (the smaller side, shared by every weight of the group) and each weight
     gradient is a plain `[K, M] x [M, N_i]` product, which YNNPACK takes as it is.
+
+    `compute` (e.g. "bfloat16"): the operands of every product (x, w and, backward, the
+    cotangents) are rounded to it and accumulated in x's dtype, as a TPU's default-precision
+    matmul does; CPUs with bf16 dot units (AMX, AVX512-BF16) run these several times faster
+    than float32 products (docs/benchmarks.md).
     """
-    return tuple(x @ w for w in ws)
+    xc = _cast(x, compute)
+    return tuple(jnp.matmul(xc, _cast(w, compute), preferred_element_type=x.dtype) for w in ws)
 
 
-def _matmuls_fwd(x, ws):
-    return matmuls(x, ws), (x, ws)
+def _matmuls_fwd(x, ws, compute):
+    return matmuls(x, ws, compute), (_cast(x, compute), ws)  # x kept in the compute dtype, ws as given
 
 
-def _matmuls_bwd(res, gs):
+def _matmuls_bwd(compute, res, gs):
     x, ws = res
-    dx = sum(jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))) for g, w in zip(gs, ws, strict=True))  # [M, K]
-    xt = jax.lax.optimization_barrier(x.T)  # [K, M] written once, not folded back into the dots
-    return dx.astype(x.dtype), tuple((xt @ g).astype(w.dtype) for g, w in zip(gs, ws, strict=True))
+    out_dtype = gs[0].dtype  # the forward's result dtype: the original x's
+    gs = tuple(_cast(g, compute) for g in gs)
+    wc = tuple(_cast(w, compute) for w in ws)
+    dx = sum(
+        jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+        for g, w in zip(gs, wc, strict=True)
+    )  # [M, K]
+    m, k = x.shape
+    # [K, M] written once, row-major, not folded back into the dots: XLA:CPU gives a bare
+    # transpose a column-major layout, and then takes a bf16 product in float32.
+    xt = jax.lax.optimization_barrier(x.T.reshape(k * m)).reshape(k, m)
+    dws = tuple(
+        jnp.matmul(xt, g, preferred_element_type=out_dtype).astype(w.dtype) for g, w in zip(gs, ws, strict=True)
+    )
+    return dx, dws
 
 
 matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
 
 
-def project(x: jax.Array, ws: tuple[jax.Array, ...], mesh: Mesh | None, in_dims: int = 1) -> tuple[jax.Array, ...]:
-    """`x [B, T, *in]` times each `w [*in, *out_i]` over the `in_dims` input axes -> `[B, T, *out_i]`."""
+def project(
+    x: jax.Array, ws: tuple[jax.Array, ...], mesh: Mesh | None, in_dims: int = 1, compute: str | None = None
+) -> tuple[jax.Array, ...]:
+    """`x [B, T, *in]` times each `w [*in, *out_i]` over the `in_dims` input axes -> `[B, T, *out_i]`.
+
+    `compute`: the products' operand dtype (see `matmuls`); results stay in x's dtype."""
     if not _cpu_matmuls(mesh):
         letters = "abcdefgh"
         ins = letters[:in_dims]
         out = []
+        xc = _cast(x, compute)
         for w in ws:
             outs = letters[in_dims : w.ndim]
-            out.append(jnp.einsum(f"BT{ins},{ins}{outs}->BT{outs}", x, w))
+            out.append(
+                jnp.einsum(f"BT{ins},{ins}{outs}->BT{outs}", xc, _cast(w, compute), preferred_element_type=x.dtype)
+            )
         return tuple(out)
     b, t = x.shape[:2]
     k = int(np.prod(x.shape[2:]))
-    flat = matmuls(x.reshape(b * t, k), tuple(w.reshape(k, -1) for w in ws))
+    flat = matmuls(x.reshape(b * t, k), tuple(w.reshape(k, -1) for w in ws), compute)
     return tuple(y.reshape(b, t, *w.shape[in_dims:]) for y, w in zip(flat, ws, strict=True))
 
 
@@ -157,7 +186,7 @@ def layer_qkv(
     compute exactly the same projections.
     """
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project(h, (w["wq"], w["wk"], w["wv"]), mesh)
+    q, k, v = project(h, (w["wq"], w["wk"], w["wv"]), mesh, compute=cfg.matmul_dtype)
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     if cfg.qk_norm:
@@ -177,14 +206,14 @@ def layer_output(
     o: jax.Array,  # [B, T, N, H] attention output
 ) -> jax.Array:
     """The rest of one block after attention: output projection, residual, SwiGLU MLP."""
-    (o,) = project(o, (w["wo"],), mesh, in_dims=2)
+    (o,) = project(o, (w["wo"],), mesh, in_dims=2, compute=cfg.matmul_dtype)
     if cfg.o_bias:
         o = o + w["bo"]
     x = constrain(x + o, mesh, ("batch", "length", "act_embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = project(h, (w["w_gate"], w["w_up"]), mesh)
+    gate, up = project(h, (w["w_gate"], w["w_up"]), mesh, compute=cfg.matmul_dtype)
     act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "length", "act_mlp"))
-    (down,) = project(act, (w["w_down"],), mesh)
+    (down,) = project(act, (w["w_down"],), mesh, compute=cfg.matmul_dtype)
     x = x + down
     return constrain(x, mesh, ("batch", "length", "act_embed"))
 
@@ -291,10 +320,16 @@ class Decoder(nnx.Module):
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
+    def head_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(hidden `[B, T, D]`, output weights `[D, V]`) as the head's product takes them: in
+        `matmul_dtype` where set, else in the hidden states' dtype. Losses accumulate in float32."""
+        c = jnp.dtype(self.config.matmul_dtype or x.dtype)
+        return x.astype(c), self.output_weights().astype(c)
+
     def logits(self, x: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]` from final-normed hidden states `[B, T, D]`."""
-        w = self.output_weights().astype(x.dtype)
         acc = jnp.promote_types(x.dtype, jnp.float32)  # float32 logits (float64 under x64 tests)
+        x, w = self.head_operands(x)
         logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=acc)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
 

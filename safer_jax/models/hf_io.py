@@ -273,10 +273,12 @@ def from_pretrained(
     remat: str = "none",
     scan_layers: bool = True,
     attention: str = "xla",
+    matmul_dtype: Any = None,
 ) -> Decoder:
     """Load a HF folder, hub id or GGUF file into a (sharded, if `mesh`) decoder.
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (defaults to `dtype`).
+    `dtype` is the compute dtype, `param_dtype` the storage dtype (defaults to `dtype`),
+    `matmul_dtype` the matmuls' operand dtype (defaults to `dtype`; see `DecoderConfig`).
     """
     folder = resolve_path(path, gguf_file)
     if gguf_file:
@@ -294,6 +296,7 @@ def from_pretrained(
         remat=remat,
         scan_layers=scan_layers,
         attention=attention,
+        matmul_dtype=None if matmul_dtype is None else _dtype_name(matmul_dtype),
         generation_config_json=gen.read_text() if gen.exists() else "",
     )
     if not gguf_file:

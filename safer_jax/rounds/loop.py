@@ -100,7 +100,12 @@ class Env:
             mc = self.cfg.model
             say(f"round {r}: loading the policy from {loc[0]}")
             model = from_pretrained(
-                loc[0], gguf_file=loc[1], dtype=mc.dtype, param_dtype=mc.param_dtype, mesh=self.mesh
+                loc[0],
+                gguf_file=loc[1],
+                dtype=mc.dtype,
+                param_dtype=mc.param_dtype,
+                mesh=self.mesh,
+                matmul_dtype=mc.matmul_dtype,
             )
             self._policy = (loc[0], model)
         return self._policy[1]

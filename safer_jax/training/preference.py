@@ -43,7 +43,7 @@ def pair_span_logps(
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
     hidden = model.hidden_states(ids[:, :-1], pos[:, :-1], seg[:, :-1])
     span = batch["span_mask"][:, 1:]
-    lp = token_logps(hidden, model.output_weights(), ids[:, 1:], chunk, mask=span > 0)
+    lp = token_logps(*model.head_operands(hidden), ids[:, 1:], chunk, mask=span > 0)
     return span_logps(lp, span, ld_alpha)
 
 

@@ -72,6 +72,7 @@ def _compute_settings(cfg: PrefOptConfig, keys_only: bool = False) -> dict[str, 
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
         attention=cfg.model.attention,
+        matmul_dtype=cfg.model.matmul_dtype,
         span=pc.span,
         ld_reference=pc.ld_reference,
     )
@@ -144,6 +145,7 @@ def _load_reference(cfg: PrefOptConfig, ref_loc: tuple[str, str | None], mesh: A
         mesh=mesh,
         scan_layers=cfg.model.scan_layers,
         attention=cfg.model.attention,
+        matmul_dtype=cfg.model.matmul_dtype,
     )
     return nnx.split(ref)
 

@@ -160,6 +160,7 @@ def compute_settings(
     ld_alpha: float,
     ld_reference: bool,
     salt: str = CACHE_SALT,
+    matmul_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The settings of the reference forward that change its numbers (see the module docstring)."""
     out: dict[str, Any] = {
@@ -171,6 +172,8 @@ def compute_settings(
     }
     if ld_reference and ld_alpha != 1.0:
         out["ld_alpha"] = float(ld_alpha)
+    if matmul_dtype is not None:  # absent by default: keys of float32 products stay as they were
+        out["matmul_dtype"] = matmul_dtype
     return out
 
 
@@ -359,6 +362,7 @@ def ensure_ref_logps(
     span: str = "step",
     ld_reference: bool = True,
     salt: str = CACHE_SALT,
+    matmul_dtype: str | None = None,
     keyed: tuple[str, dict] | None = None,
 ) -> tuple[np.ndarray, str, bool]:
     """(ref log-probs `[N, 2]`, cache key, whether it was a cache hit). On a miss,
@@ -373,6 +377,7 @@ def ensure_ref_logps(
         ld_alpha=ld_alpha,
         ld_reference=ld_reference,
         salt=salt,
+        matmul_dtype=matmul_dtype,
     )
     key, fps = keyed or reference_fingerprints(
         pairs, ct, seq_len=seq_len, reference=reference, settings=settings, memo_file=cache.memo_file

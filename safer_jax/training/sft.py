@@ -51,7 +51,7 @@ def sft_loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], chunk: int
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["weights"] > 0  # prompt and padding tokens: no head products where the logits are whole
-    logps = token_logps(hidden, model.output_weights(), batch["targets"], chunk, mask=mask)
+    logps = token_logps(*model.head_operands(hidden), batch["targets"], chunk, mask=mask)
     return masked_nll(logps, batch["weights"])
 
 
