@@ -32,6 +32,9 @@ class MeshConfig:
         return {"dcn": self.dcn, "data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
+MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64")  # `model.matmul_dtype` (or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which weights to load and in what precision."""
@@ -46,6 +49,10 @@ class ModelConfig:
     # the matmuls' operand dtype, accumulated in `dtype` (bfloat16: several times faster products on
     # CPUs with bf16 units, as a TPU's default precision); None = `dtype`
     matmul_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.matmul_dtype not in (None, *MATMUL_DTYPES):
+            raise ConfigError(f"model.matmul_dtype: {self.matmul_dtype!r} is not one of {MATMUL_DTYPES} (or null)")
 
 
 class ConfigError(ValueError):

@@ -129,6 +129,11 @@ def test_matmul_dtype_is_checked_and_keys_the_reference_cache():
     base |= dict(num_heads=2, num_kv_heads=1, head_dim=4)
     with pytest.raises(ModelConfigError, match="matmul_dtype='int8'"):
         DecoderConfig(**base, matmul_dtype="int8")
+    from safer_jax.config import ConfigError, SFTConfig, load_config
+
+    assert load_config(SFTConfig, None, ["model.matmul_dtype=bfloat16"]).model.matmul_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=re.escape("model.matmul_dtype: 'bf16'")):
+        load_config(SFTConfig, None, ["model.matmul_dtype=bf16"])
     with pytest.raises(ValueError, match="--matmul-dtype"):
         BenchSpec(matmul_dtype="int8")
     kw = dict(dtype="float32", param_dtype=None, attention="xla", span="step", ld_alpha=1.0, ld_reference=True)

@@ -12,14 +12,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from safer_jax.config import MATMUL_DTYPES
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class ModelConfigError(ValueError):
     """A `config.json` we cannot honour exactly; the message names the file and key."""
-
-
-MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
