@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from safer_jax.config import MATMUL_DTYPES
 from safer_jax.metrics import device_peak_tflops, flops_per_token
 
 TASKS = ("sft", "prefopt")
@@ -54,8 +55,8 @@ class BenchSpec:
             raise ValueError(f"--task {self.task!r} unknown; choose from {TASKS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} unknown; choose from {DTYPES}")
-        if self.matmul_dtype not in (None, *DTYPES):
-            raise ValueError(f"--matmul-dtype {self.matmul_dtype!r} unknown; choose from {DTYPES}")
+        if self.matmul_dtype not in (None, *MATMUL_DTYPES):
+            raise ValueError(f"--matmul-dtype {self.matmul_dtype!r} unknown; choose from {MATMUL_DTYPES}")
         if self.steps < 2:
             raise ValueError(f"--steps {self.steps}: needs at least 2 (step 1 is the untimed warm-up)")
         if self.seq < 16 or self.batch < 1:
