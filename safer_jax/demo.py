@@ -8,8 +8,10 @@ checkpoints and exported HF model, and `report.md` compares before and after.
 
 The budget adapts (`demo_budget.py`): each stage gets its share of `--time-budget` when it
 starts, the training stages measure their own seconds per step in their first steps and
-train until their share is spent, and the final evaluation is reserved from the decode
-speed the baseline evaluation measured. A faster machine trains more steps. The baseline's
+train until their share is spent, and the final evaluation is reserved the time its decode
+calls will take: the answer lengths the model is trained to write, with finished rows leaving
+the batch, at the decode step per batch size that the baseline evaluation measured; a deadline
+stops it in time for the report should it run longer. A faster machine trains more steps. The baseline's
 results are cached per machine and model (`evaluation/result_cache.py`; greedy decoding is
 deterministic), so a second demo spends that time on training; `--no-cache` recomputes.
 `--full` trains fixed step counts on all the data and evaluates every prompt.
@@ -35,21 +37,37 @@ from safer_jax.demo_budget import (
     Budget,
     Clock,
     Pacer,
+    StepCost,
     clock_from_env,
     counted_seconds,
-    eval_seconds,
+    decode_calls,
     training_share,
 )
-from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eval_examples, evaluate
+from safer_jax.demo_eval import (
+    EVAL_COUNTS,
+    EVAL_GROUPS,
+    QUICK_EVAL_COUNTS,
+    eval_examples,
+    evaluate,
+    predicted_lengths,
+)
 
 # Priors, measured on this project's 2-core CPU (docs/benchmarks.md, docs/results.md); the budget
 # uses them only before this machine's own speed is measured, and for checkpoint cadence.
 SFT_STEP_S = {"smollm2": 20.0, "tiny": 0.5}  # one SFT step of the plan (16-19 s at 4 x 512 here, 2026-12-02)
-DECODE_STEP_S = {"smollm2": 1.4, "tiny": 0.02}  # one KV-cache decode step of a batch of 64 (320 new tokens)
+DECODE_STEP_S = {"smollm2": 1.4, "tiny": 0.02}  # one KV-cache decode step of 64 rows (640 new tokens)
 SETUP_S = {"smollm2": 120.0, "tiny": 15.0}  # a training stage before its first step: load, compile, reference pass
 TAIL_S = {"smollm2": 45.0, "tiny": 3.0}  # a training stage after its last step: final checkpoint, export
 RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the end of the budget
 FINAL_LOAD_S = {"smollm2": 20.0, "tiny": 5.0}  # loading the aligned model (a HF folder, not the GGUF file)
+REPORT_S = {"smollm2": 30.0, "tiny": 5.0}  # the report after the final evaluation (its deadline keeps this)
+# Pricing the final evaluation before the aligned model exists (`_final_reserve`): the share of its
+# answers taken to run to the token limit (unfinished answers: 16.7% after 17 SFT steps in the fourth
+# run, 47% of benign ones after 12 in the sixth; docs/results.md), and the part of a decode step's
+# time that does not shrink with the batch rows, in rows (`StepCost`; measured on this CPU from 8 to
+# 128 rows, docs/benchmarks.md).
+LOOP_SHARE = 0.25
+DECODE_FIXED_ROWS = 16.0
 QUICK_BUDGET_MINUTES = 3.0
 # seconds per token of a preference step (rows of 256, reference log-probs cached) over an SFT step's
 # (rows of 768), measured by the demo: 0.79 in the fourth run, 0.65 in the fifth (docs/results.md).
@@ -66,6 +84,10 @@ EVAL_MAX_NEW_TOKENS = 640
 # SFT rows of 768 tokens hold every bundled trace whole (the longest, prompt included, is about
 # 700): at 512, a fifth of the borderline traces lost their ends, and with them their end of turn.
 SFT_SEQ, SFT_ROWS = 768, 3
+# The 120 evaluation prompts decode as one batch (128 rows) whose finished rows leave it as it goes
+# (compaction): rows per second are about flat from 64 to 256 rows on this CPU, and one batch shares
+# the tail of its longest answers where two batches of 64 each decode to their own.
+EVAL_BATCH = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +139,7 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
             "tiny",
             QUICK_EVAL_COUNTS,
             48,
-            8,
+            32,
             budget_minutes or QUICK_BUDGET_MINUTES,
             200,
             8,
@@ -150,7 +172,7 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
         "smollm2",
         EVAL_COUNTS,
         EVAL_MAX_NEW_TOKENS,
-        64,
+        EVAL_BATCH,
         budget_minutes,
         300,
         SFT_ROWS,
@@ -265,7 +287,9 @@ def run_demo(
     # 1. baseline
     if not st.done("baseline"):
         t0 = stage("baseline evaluation", 1)
-        guess = eval_seconds(len(examples), plan.gen_batch, plan.max_new_tokens, DECODE_STEP_S[m], 60.0)
+        worst = [plan.max_new_tokens] * len(examples)  # every answer to the limit, as the base model's often are
+        calls = decode_calls(worst, plan.gen_batch, plan.max_new_tokens)
+        guess = 60.0 + StepCost({64: DECODE_STEP_S[m]}, DECODE_FIXED_ROWS).seconds(calls)
         _say(f"read from the cache, or computed once for this machine and model (about {guess / 60:.0f} min here)")
         base, timing, hit = evaluate(base_path, base_gguf, examples, plan, "baseline", clock, ResultCache(), use_cache)
         (run_dir / "baseline").mkdir(exist_ok=True)
@@ -280,10 +304,9 @@ def run_demo(
     if baseline_only:
         _say(f"baseline only: {run_dir / 'baseline' / 'results.json'}")
         return {"state": st.data}
-    # the final evaluation is the same prompts at the decode speed the baseline measured
+    # the final evaluation: the same prompts, priced by the rows it will decode (`_final_reserve`)
     bt = st.data["stages"]["baseline"]["timing"]
-    load_s = bt.get("final_load_s", FINAL_LOAD_S[m])  # measured by an earlier demo's final evaluation, if any
-    final_s = eval_seconds(len(examples), plan.gen_batch, plan.max_new_tokens, bt["decode_step_s"], load_s)
+    final_s = _final_reserve(plan, examples, bt, base_path, base_gguf)
     later_s = final_s + RESERVE_S[m]
     # 2. SFT
     sft_dir = run_dir / "sft"
@@ -374,14 +397,15 @@ def run_demo(
     # 5. final evaluation
     if not st.done("final"):
         t0 = stage("evaluation of the aligned model", 5)
-        final, timing, _ = evaluate(str(final_model), None, examples, plan, "aligned", clock)
+        # with a budget, decoding stops in time for the report: unfinished answers are then scored cut off
+        deadline = clock.now() + budget.left() - REPORT_S[m] if budget else None
+        final, timing, _ = evaluate(str(final_model), None, examples, plan, "aligned", clock, deadline=deadline)
         (run_dir / "final").mkdir(exist_ok=True)
         (run_dir / "final" / "results.json").write_text(json.dumps(final.to_json(), indent=1))
         st.finish("final", clock.now() - t0, reserved_s=round(final_s, 1), timing=timing, **_headline(final))
-        if bt.get("cache_key"):  # the next demo's budget sees this machine's latest decode speed
-            ResultCache().update_timing(
-                bt["cache_key"], {"decode_step_s": timing["decode_step_s"], "final_load_s": timing["load_s"]}
-            )
+        if bt.get("cache_key"):  # the next demo's budget sees this machine's latest decode speeds
+            by_rows = {**bt.get("step_s_by_rows", {}), **timing["step_s_by_rows"]}
+            ResultCache().update_timing(bt["cache_key"], {"step_s_by_rows": by_rows, "final_load_s": timing["load_s"]})
     # 6. report
     t0 = stage("report", 6)
     base = EvalResult.load(run_dir / "baseline" / "results.json")
@@ -397,6 +421,34 @@ def run_demo(
     )
     _say(f"\nwrote {report}\n" + summary_line(st.data))
     return {"report": report, "paths": paths, "state": st.data}
+
+
+def _final_reserve(plan: DemoPlan, examples: list[Any], bt: dict[str, Any], path: str, gguf: str | None) -> float:
+    """Seconds to reserve for the final evaluation: its model load, the baseline's measured prefill of
+    the same prompts, and the decode calls that compaction makes of the answer lengths the aligned
+    model is trained to write (`demo_eval.predicted_lengths`, with LOOP_SHARE of them never
+    stopping), each priced at the decode step the baseline (or an earlier demo's final evaluation)
+    measured for its batch rows (`demo_budget.StepCost`)."""
+    from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
+    from safer_jax.generate import _pow2
+
+    m = plan.model
+    measured = {int(k): float(v) for k, v in bt.get("step_s_by_rows", {}).items()}
+    if not measured and bt.get("decode_step_s"):  # a timing recorded before the steps were priced by rows
+        measured = {_pow2(min(len(examples), plan.gen_batch)): float(bt["decode_step_s"])}
+    cost = StepCost(measured or {64: DECODE_STEP_S[m]}, DECODE_FIXED_ROWS)
+    lengths = predicted_lengths(examples, ChatTokenizer(load_tokenizer(path, gguf)), plan.max_new_tokens, LOOP_SHARE)
+    schedule = decode_calls(lengths, plan.gen_batch, plan.max_new_tokens)
+    decode_s = cost.seconds(schedule)
+    load_s = bt.get("final_load_s", FINAL_LOAD_S[m])  # measured by an earlier demo's final evaluation, if any
+    prefill_s = bt.get("prefill_s", 0.0)
+    _say(
+        f"final evaluation priced at {(load_s + prefill_s + decode_s) / 60:.1f} min: {sum(n for _, n in schedule)} "
+        f"decode steps, batch rows {' > '.join(dict.fromkeys(str(r) for r, _ in schedule))}, for answers of "
+        f"{sum(lengths) / len(lengths):.0f} tokens on average ({LOOP_SHARE:.0%} of them to the "
+        f"{plan.max_new_tokens}-token limit)"
+    )
+    return load_s + prefill_s + decode_s
 
 
 def _pacer(

@@ -3,9 +3,11 @@ training on time.
 
 The stages spend the budget in order (baseline evaluation, SFT, pairs, preference
 optimization, final evaluation, report). A stage's share is decided when it starts, from
-the time left and the cost of the stages after it: the final evaluation is a known number
-of prompts at the decode speed the baseline evaluation measured on this machine, the pairs
-and the report cost seconds, and the training time left over pays each training stage's set-up and
+the time left and the cost of the stages after it: the final evaluation is priced by the decode
+calls that compaction makes of the answer lengths the model is trained to write
+(`compacted_schedule`), each at the step time the baseline evaluation measured for its batch
+rows on this machine (`StepCost`), and a deadline stops its decoding should it run longer; the
+pairs and the report cost seconds, and the training time left over pays each training stage's set-up and
 tail, then goes 3:1 to the steps of SFT and preference optimization. A training stage
 measures its own seconds per step in its first steps (`Pacer`, a training-loop hook) and
 stops when one more step plus its tail (final checkpoint, export) would pass its share. A faster machine so trains more steps; a slower
@@ -45,8 +47,9 @@ class Clock:
 
 class ScriptedClock(Clock):
     """Virtual seconds for tests: only `spend` moves time, by `costs[what] * n` (0 for unnamed work).
-    Keys the demo reports: `sft_step`, `prefopt_step`, `decode` (one decode step of one batch),
-    `load` (a model load), `setup` (a training stage's set-up, once per stage)."""
+    Keys the demo reports: `sft_step`, `prefopt_step`, `decode` (one decode step of the plan's
+    `gen_batch` rows; a call of fewer rows costs its share), `prefill` (the same for a batch's
+    prefill), `load` (a model load), `setup` (a training stage's set-up, once per stage)."""
 
     scripted = True
 
@@ -100,12 +103,6 @@ def counted_seconds(stages: dict[str, dict[str, Any]]) -> float:
     """Seconds of the finished stages that the budget counts: all but a baseline evaluation that had
     to be computed (once per machine and model; later runs read it from the cache in seconds)."""
     return sum(v["seconds"] for k, v in stages.items() if not (k == "baseline" and v.get("cached") is False))
-
-
-def eval_seconds(n_prompts: int, batch: int, max_new_tokens: int, decode_step_s: float, load_s: float) -> float:
-    """Worst-case wall time of one evaluation: every batch runs to `max_new_tokens` (a batch ends
-    with its longest answer, and one looping answer in a batch is likely), plus the model load."""
-    return load_s + math.ceil(n_prompts / max(batch, 1)) * max_new_tokens * decode_step_s
 
 
 def training_share(left_s: float, later_s: float, fraction: float, fixed_s: float = 0.0, stages: int = 1) -> float:
@@ -180,3 +177,63 @@ class Pacer:
             "step_s_from": source if step_s is not None else None,
             "planned_steps": self.planned if self.planned is not None else self.steps,
         }
+
+
+def compacted_schedule(
+    lengths: list[int], max_new_tokens: int, check_every: int = 16, min_rows: int = 8
+) -> list[tuple[int, int]]:
+    """The decode calls greedy generation of one batch makes, as (batch rows, steps) pairs, when
+    row i's answer ends after `lengths[i]` tokens: `generate.sample_batch`'s compaction (every
+    `check_every` steps, the unfinished rows move to a batch of the next power of two, at least
+    `min_rows`, when that halves it), simulated so the demo can price an evaluation by rows."""
+    from safer_jax.generate import _pow2
+
+    ends = [min(max(int(n), 1), max_new_tokens) for n in lengths]
+    rows = _pow2(len(ends))
+    shrink = rows >= 2 * min_rows
+    out: list[tuple[int, int]] = []
+    step = 1  # the prefill made token 0
+    while step < max_new_tokens:
+        live = [n for n in ends if n > step]
+        if not live:
+            break
+        size = _pow2(len(live), min_rows)
+        if shrink and size <= rows // 2:
+            rows = size
+        limit = min(max_new_tokens, step + check_every)
+        ran = min(limit, max(live)) - step
+        out.append((rows, ran))
+        step += ran
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Seconds of one decode step by batch rows: a measured size as measured; another size from the
+    measured one nearest to it, taking a step to cost as much as `fixed_rows` more rows would (the
+    per-step cost whatever the rows: reading the weights, the host's return every few steps), so
+    `c(n) = c(m) * (fixed_rows + n) / (fixed_rows + m)`."""
+
+    measured: dict[int, float]  # batch rows -> seconds per decode step
+    fixed_rows: float
+
+    def __call__(self, rows: int) -> float:
+        if rows in self.measured:
+            return self.measured[rows]
+        if not self.measured:
+            raise ValueError("no measured decode step to price an evaluation by")
+        m = min(self.measured, key=lambda r: (abs(math.log(rows / r)), -r))
+        return self.measured[m] * (self.fixed_rows + rows) / (self.fixed_rows + m)
+
+    def seconds(self, schedule: list[tuple[int, int]]) -> float:
+        return sum(steps * self(rows) for rows, steps in schedule)
+
+
+def decode_calls(lengths: list[int], batch: int, max_new_tokens: int) -> list[tuple[int, int]]:
+    """`compacted_schedule` of each batch of `batch` rows of `lengths`, in order (as `generate_chat`
+    batches its rows), one list of (batch rows, steps) decode calls."""
+    return [
+        call
+        for i in range(0, len(lengths), max(batch, 1))
+        for call in compacted_schedule(lengths[i : i + batch], max_new_tokens)
+    ]

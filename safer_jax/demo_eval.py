@@ -5,9 +5,11 @@ the demo's clock, and the baseline's result read from the per-machine cache when
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
+from safer_jax.data import bundled
 from safer_jax.demo_budget import Clock
 
 # the evaluation sample: groups of the bundled held-out prompts, drawn separately
@@ -47,12 +49,30 @@ def eval_examples(counts: tuple[int, ...], seed: int = 0) -> list[Any]:
     return out
 
 
-def decode_steps(gens: list[dict[str, Any]], batch: int) -> int:
-    """Decode steps the generation ran: generate_chat batches rows by prompt length (a stable sort)
-    and a batch decodes until its longest answer ends."""
-    order = sorted(range(len(gens)), key=lambda i: gens[i]["prompt_tokens"])
-    batches = [order[i : i + batch] for i in range(0, len(order), batch)]
-    return sum(max(gens[i]["completion_tokens"] for i in b) for b in batches)
+def predicted_lengths(examples: list[Any], tok: Any, max_new_tokens: int, loop_share: float) -> list[int]:
+    """Answer lengths (tokens) to price the aligned model's evaluation by, before it exists: the model
+    is trained to write the bundled traces, so each evaluation group's rows get the lengths of that
+    group's training answers (reasoning, response and end of turn) at evenly spaced quantiles; then
+    the `loop_share` longest rows run to `max_new_tokens`, for the answers that never stop."""
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.data.rules import load_rules
+
+    rules = load_rules()
+    by_group: dict[str, list[int]] = {}
+    for t in load_traces(bundled("train_traces.jsonl")):
+        self_harm = any(r in rules and rules[r].category == "self_harm" for r in t.rules)
+        group = "self_harm" if t.label == "harmful" and self_harm else t.label
+        by_group.setdefault(group, []).append(int(tok.encode_trace(t)["loss_mask"].sum()))
+    rows = [eval_group(ex) for ex in examples]
+    out = [0] * len(rows)
+    for group in set(rows):
+        pool = sorted(by_group.get(group) or by_group.get("harmful" if group != "benign" else "benign") or [1])
+        idx = [i for i, g in enumerate(rows) if g == group]
+        for k, i in enumerate(idx):
+            out[i] = min(max_new_tokens, pool[min(len(pool) - 1, int((k + 0.5) / len(idx) * len(pool)))])
+    for i in sorted(range(len(out)), key=lambda i: -out[i])[: math.ceil(loop_share * len(out))]:
+        out[i] = max_new_tokens
+    return out
 
 
 def evaluate(
@@ -64,9 +84,18 @@ def evaluate(
     clock: Clock,
     cache: Any = None,
     use_cache: bool = True,
+    deadline: float | None = None,
 ) -> tuple[Any, dict[str, Any], bool]:
     """(result, timing, cache hit): generate and score, or the cached result of the same evaluation.
-    Timing (on `clock`): load_s, generate_s, decode_steps, decode_step_s (and cache_key with a cache)."""
+
+    Greedy batches drop their finished rows as they go (`generate.sample_batch`'s compaction), and
+    each decode call is timed on `clock` by its batch rows, so the demo can price the next
+    evaluation by the rows it will decode. Timing: load_s, prefill_s, generate_s, decode_steps,
+    row_steps, step_s_by_rows ({rows: seconds a decode step}), cut (and cache_key with a cache).
+    `deadline` (a `clock` time): decoding stops when its next call would pass it, and the rows
+    still unfinished are scored as cut off (finish reason "length"; `cut` counts them). On the
+    scripted clock a decode step costs `decode` x rows / plan.gen_batch, a prefill `prefill` x the same.
+    """
     from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
     from safer_jax.evaluation import run_eval
     from safer_jax.generate import SamplingConfig, generate_chat
@@ -97,11 +126,26 @@ def evaluate(
     clock.spend("load")
     load_s = clock.now() - t0
     gens: list[dict[str, Any]] = []
+    seg = {"prefill_s": 0.0, "steps": 0, "row_steps": 0, "by_rows": {}}
+    last = [clock.now()]
+
+    def on_segment(info: dict[str, int]) -> bool:
+        rows, steps = info["rows"], info["steps"]
+        clock.spend("decode" if info["phase"] == "decode" else "prefill", max(steps, 1) * rows / plan.gen_batch)
+        now = clock.now()
+        took, last[0] = now - last[0], now
+        if info["phase"] == "prefill":
+            seg["prefill_s"] += took
+        elif steps:
+            seg["steps"] += steps
+            seg["row_steps"] += steps * rows
+            s, n = seg["by_rows"].get(rows, (0.0, 0))
+            seg["by_rows"][rows] = (s + took, n + steps)
+        # stop when the next call, as long as this one, would end past the deadline
+        return deadline is not None and now + (took if info["phase"] == "decode" else 0.0) > deadline
 
     def generate(*args: Any, **kw: Any) -> list[dict[str, Any]]:
-        # whole batches (no compaction): a batch then costs its longest answer's steps at the
-        # measured step time, so the baseline's speed bounds the final evaluation (demo_budget)
-        gens.extend(generate_chat(*args, compact=False, **kw))
+        gens.extend(generate_chat(*args, on_segment=on_segment, **kw))
         return gens
 
     t1 = clock.now()
@@ -114,16 +158,20 @@ def evaluate(
         generate_fn=generate,
         info={"model": name, "name": name, "load_s": round(load_s, 1)},
     )
-    steps = decode_steps(gens, plan.gen_batch)
-    clock.spend("decode", steps)
     gen_s = clock.now() - t1
+    cut = sum(1 for g in gens if g.get("cut"))
+    if cut:
+        _say(f"{name}: the deadline stopped decoding; {cut} of {len(gens)} answers are cut off (scored unfinished)")
     timing = {
         "load_s": round(load_s, 2),
+        "prefill_s": round(seg["prefill_s"], 2),
         "generate_s": round(gen_s, 2),
-        "decode_steps": steps,
-        "decode_step_s": round(gen_s / max(steps, 1), 4),
+        "decode_steps": seg["steps"],
+        "row_steps": seg["row_steps"],
+        "step_s_by_rows": {str(r): round(s / n, 4) for r, (s, n) in sorted(seg["by_rows"].items())},
+        "cut": cut,
     }
-    if cache is not None:
+    if cache is not None and not cut:
         _say(f"{name}: result cached in {cache.save(key, parts, res, timing)}")
         timing = {**timing, "cache_key": key}
     return res, timing, False

@@ -319,8 +319,17 @@ def demo_markdown(data: dict[str, Any], plan: Any, quick: bool, base: EvalResult
             f"Budget: {plan.budget_minutes:g} min, {100 * budget['used_s'] / budget['budget_s']:.0f}% used by the "
             "stages. Each training stage measured its seconds per step (`step_s`) and stopped after the steps "
             "its share fitted (`share_s`, with `tail_s` kept for its last checkpoint and export); the final "
-            "evaluation was reserved `reserved_s` from the baseline's measured decode speed.",
+            "evaluation was reserved `reserved_s`: the decode calls of the answer lengths the model was trained to "
+            "write, finished rows leaving the batch, at the step times the baseline measured by batch rows "
+            "(`timing.step_s_by_rows`); `timing.cut` counts the answers its deadline cut off.",
         ]
+        cut = s.get("final", {}).get("timing", {}).get("cut", 0)
+        if cut:
+            lines += [
+                "",
+                f"**The final evaluation's deadline cut off {cut} answers**: its decoding would have run past the "
+                "budget, so those answers are scored unfinished as they stood (the targets below count them).",
+            ]
     lines += [
         "",
         f"Plan: {json.dumps(plan.to_json())}",

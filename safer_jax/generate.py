@@ -232,6 +232,7 @@ class BatchOutput:
     finish_reasons: list[str]
     logits: np.ndarray | None = None  # [B, N, V] float32 per generated position, when recorded
     compile_shapes: tuple[int, int, int] = (0, 0, 0)  # (batch, prompt, cache slots) buckets used
+    cut_at: int | None = None  # the step `on_segment` stopped decoding at, with rows unfinished
 
 
 def _first_stop(ids: list[int], start: int, decode: Callable[[list[int]], str], stops: Sequence[str]) -> int | None:
@@ -258,6 +259,7 @@ def sample_batch(
     check_every: int = STOP_STRING_CHECK_EVERY,
     on_progress: Callable[[int], None] | None = None,
     compact: bool | None = None,
+    on_segment: Callable[[dict[str, int]], bool] | None = None,
 ) -> BatchOutput:
     """Generate for all `prompts` as one batch, stopping on exactly `eos_ids` (no model defaults).
 
@@ -266,6 +268,11 @@ def sample_batch(
     called every `check_every` decode steps (the loop then returns to the host that often).
     `compact`: drop finished rows from the batch as it goes (module docstring); default: when
     greedy, on an unsharded batch of at least 16 rows, without `record_logits`.
+    `on_segment({"phase", "rows", "steps"})` is called after the prefill ("prefill", steps 0) and
+    after each compiled decode call ("decode": `steps` steps of `rows` batch rows; the loop then
+    returns to the host every `check_every` steps), once that work has finished, so a caller can
+    time each batch size; a true return stops decoding there: the unfinished rows end with
+    finish reason "length" at the step reached (`BatchOutput.cut_at`).
     """
     if sampling.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (ids -> text); generate_chat passes the tokenizer's")
@@ -312,6 +319,10 @@ def sample_batch(
         record_logits=record_logits,
         mesh=mesh,
     )
+    cut = False
+    if on_segment is not None:
+        ds.done.block_until_ready()
+        cut = bool(on_segment({"phase": "prefill", "rows": b, "steps": 0}))
     stops = sampling.stop_strings
     stop_at: dict[int, int] = {}  # row -> tokens kept (through the stop string)
     checked = [0] * len(prompts)
@@ -334,13 +345,16 @@ def sample_batch(
             ds = ds._replace(done=jax.device_put(done, ds.done.sharding))
         if on_progress is not None:
             on_progress(step)
-        if step >= n_new or _host(ds.done).all():
+        if step >= n_new or _host(ds.done).all() or cut:
             break
         if shrink:
             ds, rows = _compact(ds, rows, kept, len(prompts))
-        limit = min(n_new, step + check_every) if stops or on_progress is not None or shrink else n_new
+        chunked = stops or on_progress is not None or shrink or on_segment is not None
+        limit = min(n_new, step + check_every) if chunked else n_new
         ds = _decode_jit(graphdef, state, ds, jnp.int32(limit), sampler=sampler, mesh=mesh)
-        step = int(ds.step)
+        before, step = step, int(ds.step)  # int() waits for the decode call to finish
+        if on_segment is not None:
+            cut = bool(on_segment({"phase": "decode", "rows": len(rows), "steps": step - before}))
     tokens = _host(ds.tokens)
     where = {int(i): j for j, i in enumerate(rows.tolist())}
     out_tokens, reasons = [], []
@@ -357,7 +371,8 @@ def sample_batch(
             out_tokens.append(row[:step])
             reasons.append("length")
     logits = _host(ds.logits)[: len(prompts), :n_new] if record_logits else None
-    return BatchOutput(out_tokens, reasons, logits, (b, p, slots))
+    cut_at = step if cut and step < n_new and not _host(ds.done).all() else None
+    return BatchOutput(out_tokens, reasons, logits, (b, p, slots), cut_at)
 
 
 def _compact(
@@ -461,6 +476,7 @@ def generate_chat(
     progress: bool = True,
     fmt: TraceFormat | None = None,
     compact: bool | None = None,
+    on_segment: Callable[[dict[str, int]], bool] | None = None,
 ) -> list[dict]:
     """Answer chat rows; returns per row, in input order, {"id", "text", "reasoning", "response",
     "prompt_tokens", "completion_tokens", "finish_reason"}.
@@ -470,6 +486,8 @@ def generate_chat(
     Generation stops at the model's EOS ids and the tokenizer's end-of-turn ids (`stop_ids`).
     Rows are sorted by prompt length into batches (less padding, fewer shape buckets).
     `compact`: as `sample_batch`'s (default: finished rows leave a greedy batch).
+    `on_segment`: as `sample_batch`'s; once it stops a batch, the later batches are not run. The rows
+    it cut (unfinished at that step, or never started) have finish reason "length" and `"cut": True`.
     """
     from tqdm.auto import tqdm
 
@@ -492,8 +510,24 @@ def generate_chat(
         disable=not progress,
         mininterval=2.0,
     )
+    cut = False
     for n, idx in enumerate(batches):
         done_before = n * sampling.max_new_tokens
+        if cut:  # stopped by on_segment: the later batches are not run
+            for i in idx:
+                prefix = "".join(_prefix_parts(rows[i]))
+                reasoning, response = split_think(prefix, ct.fmt)
+                results[i] = {
+                    "id": rows[i].get("id", i),
+                    "text": prefix,
+                    "reasoning": reasoning,
+                    "response": response,
+                    "prompt_tokens": len(encoded[i]),
+                    "completion_tokens": 0,
+                    "finish_reason": "length",
+                    "cut": True,
+                }
+            continue
         out = sample_batch(
             model,
             [encoded[i] for i in idx],
@@ -505,7 +539,9 @@ def generate_chat(
             stream=n,
             compact=compact,
             on_progress=(lambda step, d=done_before: bar.update(d + step - bar.n)) if progress else None,
+            on_segment=on_segment,
         )
+        cut = out.cut_at is not None
         bar.update(done_before + sampling.max_new_tokens - bar.n)
         for i, ids, reason in zip(idx, out.tokens, out.finish_reasons):
             text = decode(ids)
@@ -523,5 +559,7 @@ def generate_chat(
                 "completion_tokens": len(ids),
                 "finish_reason": reason,
             }
+            if cut and reason == "length" and len(ids) < sampling.max_new_tokens:
+                results[i]["cut"] = True
     bar.close()
     return results

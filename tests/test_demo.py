@@ -13,18 +13,27 @@ import time
 import pytest
 from xla_flags import xla_flags
 
-from safer_jax.demo import FINAL_LOAD_S, STAGES, TAIL_S, DemoPlan, plan_for
+from safer_jax.demo import DECODE_FIXED_ROWS, FINAL_LOAD_S, LOOP_SHARE, STAGES, TAIL_S, DemoPlan, plan_for
 from safer_jax.demo_budget import (
     CLOCK_ENV,
     Budget,
     Pacer,
     ScriptedClock,
+    StepCost,
     clock_from_env,
     counted_seconds,
-    eval_seconds,
+    decode_calls,
     training_share,
 )
-from safer_jax.demo_eval import EVAL_COUNTS, EVAL_GROUPS, QUICK_EVAL_COUNTS, eval_examples, eval_group, evaluate
+from safer_jax.demo_eval import (
+    EVAL_COUNTS,
+    EVAL_GROUPS,
+    QUICK_EVAL_COUNTS,
+    eval_examples,
+    eval_group,
+    evaluate,
+    predicted_lengths,
+)
 
 # virtual seconds of the quick run's scripted clock, and its budget (virtual minutes)
 COSTS = {"decode": 0.5, "load": 5.0, "setup": 10.0, "sft_step": 30.0, "prefopt_step": 16.0}
@@ -109,21 +118,33 @@ def test_quick_demo_stops_each_stage_at_its_share(quick_run):
         assert info["seconds"] == pytest.approx(COSTS["setup"] + fit * step_s, abs=0.1)
         assert info["seconds"] + tail <= info["share_s"] < info["seconds"] + tail + step_s
         assert f"a hook asked to stop after step {fit}" in out
-    # the evaluation is a known number of prompts at the decode speed the baseline measured
-    assert s["baseline"]["timing"]["decode_step_s"] == pytest.approx(COSTS["decode"])
+    # decode calls are timed by batch rows (the scripted step costs `decode` x rows / gen_batch)
+    by_rows = s["baseline"]["timing"]["step_s_by_rows"]
+    assert by_rows and all(v == pytest.approx(COSTS["decode"] * int(r) / plan.gen_batch) for r, v in by_rows.items())
     assert s["baseline"]["cached"] is False  # a fresh cache: computed, so outside the budget
-    assert s["final"]["seconds"] <= s["final"]["reserved_s"]
-    assert s["final"]["reserved_s"] == pytest.approx(
-        eval_seconds(sum(plan.eval_counts), plan.gen_batch, plan.max_new_tokens, COSTS["decode"], FINAL_LOAD_S["tiny"]),
-        abs=0.1,
+    # the final evaluation is priced by the rows compaction decodes for the answer lengths the model
+    # is trained to write, at the baseline's measured step per batch size
+    from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
+
+    examples = eval_examples(plan.eval_counts)
+    lengths = predicted_lengths(
+        examples, ChatTokenizer(load_tokenizer(str(d / "base-model"))), plan.max_new_tokens, LOOP_SHARE
     )
+    cost = StepCost({int(r): v for r, v in by_rows.items()}, DECODE_FIXED_ROWS)
+    priced = cost.seconds(decode_calls(lengths, plan.gen_batch, plan.max_new_tokens))
+    assert s["final"]["reserved_s"] == pytest.approx(
+        FINAL_LOAD_S["tiny"] + s["baseline"]["timing"]["prefill_s"] + priced, abs=0.1
+    )
+    assert f"final evaluation priced at {s['final']['reserved_s'] / 60:.1f} min" in out
+    assert s["final"]["seconds"] <= s["final"]["reserved_s"] and s["final"]["timing"]["cut"] == 0
     used = counted_seconds(s)
     assert 0.8 * QUICK_BUDGET * 60 <= used <= QUICK_BUDGET * 60
     assert "budget used by the stages" in (d / "report.md").read_text()
     # the final evaluation refreshed the cached timing: the next demo's budget sees its decode speed and load
     (entry,) = [p for p in (d.parent / "cache" / "eval_results").glob("*.json") if p.name != "file_digests.json"]
     cached = json.loads(entry.read_text())["timing"]
-    assert cached["final_load_s"] == COSTS["load"] and cached["decode_step_s"] == pytest.approx(COSTS["decode"])
+    assert cached["final_load_s"] == COSTS["load"]
+    assert cached["step_s_by_rows"] == {**by_rows, **s["final"]["timing"]["step_s_by_rows"]}
 
 
 def test_rerun_resumes_without_redoing_stages(quick_run):
@@ -187,7 +208,17 @@ def test_budget_shares_and_clock_hook(monkeypatch):
     assert training_share(1000.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 100.0 + 0.75 * 600.0
     assert training_share(450.0, 200.0, 1.0, fixed_s=100.0) == 250.0
     assert training_share(250.0, 200.0, 0.75, fixed_s=100.0, stages=2) == 50.0  # never more than is free
-    assert eval_seconds(120, 64, 320, 1.5, 20.0) == 20.0 + 2 * 320 * 1.5
+    # a decode step by batch rows: measured sizes as measured, others scaled from the nearest one
+    cost = StepCost({64: 1.0}, 16.0)
+    assert (cost(64), cost(32), cost(128)) == (1.0, pytest.approx(48 / 80), pytest.approx(144 / 80))
+    assert StepCost({64: 1.0, 8: 0.4}, 16.0)(16) == pytest.approx(0.4 * 32 / 24)  # from the nearer size
+    assert cost.seconds([(64, 10), (32, 4)]) == pytest.approx(10 + 4 * 0.6)
+    # two batches of 64 rows that never stop: 640 steps each; one batch of 120 rows: 640 steps of 128
+    assert sum(n for _, n in decode_calls([640] * 120, 64, 640)) == 2 * 639
+    assert {r for r, _ in decode_calls([640] * 120, 128, 640)} == {128}
+    # 90 answers of 100 tokens and 30 at the limit: 128 rows, then 32 once the short ones ended
+    calls = decode_calls([100] * 90 + [640] * 30, 128, 640)
+    assert [r for r, _ in calls] == [128] * 7 + [32] * 33 and sum(n for _, n in calls) == 639
     clock = ScriptedClock({"decode": 2.0})
     b = Budget(60.0, clock, spent=10.0)
     clock.spend("decode", 5)
@@ -265,18 +296,18 @@ def test_baseline_result_is_cached_by_model_prompts_and_sampling(tiny, tmp_path)
     cache = ResultCache(tmp_path / "cache")
     clock = ScriptedClock({"decode": 1.0})
     res, timing, hit = evaluate(str(folder), None, examples, plan, "baseline", clock, cache)
-    assert not hit and timing["decode_step_s"] == 1.0 and len(list(cache.root.glob("*.json"))) == 2  # entry + memo
+    assert not hit and timing["step_s_by_rows"] == {"4": 1.0} and len(list(cache.root.glob("*.json"))) == 2  # + memo
     t = clock.now()
     again, timing2, hit2 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache)
     assert hit2 and clock.now() == t  # nothing generated, nothing loaded
     assert (
         again.metrics == res.metrics and timing2 == timing and [r["id"] for r in again.rows] == [e.id for e in examples]
     )
-    assert cache.update_timing(timing["cache_key"], {"decode_step_s": 9.0})  # a later, slower measurement
-    assert evaluate(str(folder), None, examples, plan, "baseline", clock, cache)[1]["decode_step_s"] == 9.0
-    assert not cache.update_timing("no-such-key", {"decode_step_s": 1.0})
+    assert cache.update_timing(timing["cache_key"], {"step_s_by_rows": {"4": 9.0}})  # a later, slower measurement
+    assert evaluate(str(folder), None, examples, plan, "baseline", clock, cache)[1]["step_s_by_rows"] == {"4": 9.0}
+    assert not cache.update_timing("no-such-key", {"step_s_by_rows": {"4": 1.0}})
     _, timing3, hit3 = evaluate(str(folder), None, examples, plan, "baseline", clock, cache, use_cache=False)
-    assert not hit3 and clock.now() > t and timing3["decode_step_s"] == 1.0
+    assert not hit3 and clock.now() > t and timing3["step_s_by_rows"] == {"4": 1.0}
 
     sampling = SamplingConfig(max_new_tokens=4, greedy=True)
     base = dict(model_fp="m", tokenization_fp="t", examples=examples, sampling=sampling, batch_size=4, scoring_fp="s")
@@ -295,6 +326,39 @@ def test_baseline_result_is_cached_by_model_prompts_and_sampling(tiny, tmp_path)
     assert len({result_key(**{**base, **c})[0] for c in changed} | {key}) == len(changed) + 1
     cache.path(key).write_text("{not json")
     assert cache.load(key) is None  # a broken entry is a miss
+
+
+def test_evaluation_deadline_cuts_answers_and_skips_later_batches(tiny, tmp_path):
+    """A final evaluation that would run past its deadline stops decoding at the first call that
+    leaves too little time: the unfinished answers of that batch end there, the later batches are
+    not decoded, all of them are scored unfinished and counted, and nothing is cached."""
+    from safer_jax.evaluation.result_cache import ResultCache
+
+    folder, _ = tiny
+    examples = eval_examples(QUICK_EVAL_COUNTS)[:8]
+    plan = dataclasses.replace(plan_for(quick=True), max_new_tokens=40, gen_batch=4)
+    full, timing, _ = evaluate(str(folder), None, examples, plan, "aligned", ScriptedClock({"decode": 1.0}))
+    assert timing["cut"] == 0 and timing["step_s_by_rows"] == {"4": 1.0}
+    ref = {r["id"]: r for r in full.rows}
+    assert any(r["completion_tokens"] > 17 for r in full.rows)  # answers that run past the first call
+
+    clock = ScriptedClock({"decode": 1.0})
+    cache = ResultCache(tmp_path / "cache")
+    res, timing, hit = evaluate(str(folder), None, examples, plan, "aligned", clock, cache, deadline=20.0)
+    assert not hit and "cache_key" not in timing
+    assert [p.name for p in cache.root.glob("*.json")] == [cache.memo_file.name]  # no result entry
+    assert clock.now() == 16.0  # one call of 16 steps (tokens 2-17): another would end past 20
+    shorter = 0
+    for r in res.rows:
+        whole = ref[r["id"]]
+        assert r["completion_tokens"] <= min(whole["completion_tokens"], 17)
+        if r["completion_tokens"] == whole["completion_tokens"]:
+            assert r["text"] == whole["text"] and r["finish_reason"] == whole["finish_reason"]
+        else:
+            shorter += 1
+            assert r["finish_reason"] == "length" and not r["finished"]
+    assert timing["cut"] == shorter >= 4
+    assert sum(r["completion_tokens"] == 0 for r in res.rows) == 4  # the second batch never started
 
 
 def _scored(examples, answers):

@@ -242,6 +242,42 @@ def test_compaction_keeps_greedy_answers(tiny_llama, monkeypatch):
             assert out.finish_reasons[long] == "stop_string" and seen[0][1] < len(out.tokens[long])
 
 
+def test_segments_are_the_simulated_schedule_and_a_segment_hook_stops_decoding(tiny_llama):
+    """`on_segment` sees the prefill and each decode call with its batch rows; the demo's simulation
+    of compaction (`demo_budget.compacted_schedule`) gives those same calls from the answer lengths
+    alone. A true return stops decoding there: finished rows keep their answers, unfinished ones end
+    at that step with reason "length", and `cut_at` says where."""
+    from safer_jax.demo_budget import compacted_schedule
+
+    _, model = tiny_llama
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, 512, size=int(n)).tolist() for n in rng.randint(3, 15, size=24)]
+    n_new = 40
+    free = sample_batch(model, prompts, SamplingConfig(max_new_tokens=n_new), compact=False).tokens
+    eos = sorted({free[i][(7 * i) % n_new] for i in range(0, 24, 3)})
+    sampling = SamplingConfig(max_new_tokens=n_new)
+    calls: list[dict] = []
+    out = sample_batch(model, prompts, sampling, eos_ids=eos, check_every=4, on_segment=lambda i: calls.append(i))
+    assert calls[0] == {"phase": "prefill", "rows": 32, "steps": 0} and out.cut_at is None
+    decoded = [(c["rows"], c["steps"]) for c in calls[1:]]
+    assert all(c["phase"] == "decode" for c in calls[1:]) and {r for r, _ in decoded} == {32, 16, 8}
+    assert decoded == compacted_schedule([len(t) for t in out.tokens], n_new, check_every=4)
+    assert compacted_schedule([n_new] * 24, n_new, check_every=4) == [(32, 4)] * 9 + [(32, 3)]
+    assert compacted_schedule([1] * 5, n_new) == []  # every row ended with its first token
+
+    seen: list[dict] = []
+    cut = sample_batch(
+        model, prompts, sampling, eos_ids=eos, check_every=4, on_segment=lambda i: seen.append(i) or len(seen) == 4
+    )
+    assert len(seen) == 4 and cut.cut_at == 1 + sum(c["steps"] for c in seen)
+    for full, full_reason, part, reason in zip(out.tokens, out.finish_reasons, cut.tokens, cut.finish_reasons):
+        if len(full) <= cut.cut_at:  # ended before the hook stopped decoding
+            assert (part, reason) == (full, full_reason)
+        else:
+            assert reason == "length" and part == full[: cut.cut_at]
+    assert "stop" in cut.finish_reasons and "length" in cut.finish_reasons
+
+
 def test_eos_and_stop_strings(tiny_llama):
     _, model = tiny_llama
     prompts = random_prompts(512)
