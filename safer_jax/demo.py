@@ -151,17 +151,19 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
             384,
             ("optimizer.lr=1e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "preference.beta=0.5"),
         )
-    # bf16 products with float32 accumulation, parameters and activations: 1.56 times the float32
-    # SFT step on this machine's AMX CPU (docs/benchmarks.md); the evaluations keep float32
+    # bf16 products with float32 accumulation, parameters and activations where the hardware has
+    # bf16 dot instructions: 1.56 times the float32 SFT step on an AMX CPU, slower than float32 on
+    # one without (docs/benchmarks.md); the evaluations keep float32
+    fast = ("model.matmul_dtype=bfloat16",) if bf16_products_pay() else ()
     sft = (
-        "model.matmul_dtype=bfloat16",
+        *fast,
         "optimizer.lr=2.5e-4",
         "optimizer.schedule=constant",
         "optimizer.warmup_steps=0",
         "optimizer.weight_decay=0.0",
     )
     pref = (
-        "model.matmul_dtype=bfloat16",
+        *fast,
         "optimizer.lr=1e-5",
         "optimizer.schedule=constant",
         "optimizer.warmup_steps=0",
@@ -189,6 +191,28 @@ def plan_for(budget_minutes: float = 30.0, quick: bool = False, full: bool = Fal
             plan, eval_counts=(0,) * len(EVAL_GROUPS), budget_minutes=0.0, sft_steps=150, pref_pairs=0, pref_steps=150
         )
     return plan
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 instructions with bf16 operands, float32 sums
+
+
+def bf16_products_pay(cpuinfo: str | None = None, backend: str | None = None) -> bool:
+    """Whether training with bf16 products (`model.matmul_dtype=bfloat16`) is faster here: on an
+    accelerator, and on a CPU whose flags (`/proc/cpuinfo`) include one of BF16_CPU_FLAGS. A CPU
+    without them converts every operand to float32 for each product, so the step gets slower."""
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, keep float32
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
+    return any(f in flags for f in BF16_CPU_FLAGS)
 
 
 class DemoState:
@@ -275,6 +299,13 @@ def run_demo(
         )
         + (" (scripted clock)" if clock.scripted else "")
     )
+    if not quick:
+        bf16 = "model.matmul_dtype=bfloat16" in plan.sft_overrides
+        _say(
+            "training with bf16 products, float32 sums (bf16 dot instructions here)"
+            if bf16
+            else "training in float32 (no bf16 dot instructions on this CPU: bf16 products would be slower)"
+        )
     base_path, base_gguf = _base_model(plan, run_dir)
 
     def stage(name: str, n: int) -> float:

@@ -258,6 +258,25 @@ def test_plan_sizes():
         DemoPlan.from_json({"model": "smollm2", "sft_minutes": 3.0})
 
 
+def test_bf16_products_only_where_the_hardware_has_bf16_dots(monkeypatch):
+    """The demo trains with bf16 products on an accelerator or a CPU with AMX / AVX512-BF16, and in
+    float32 on a CPU without them (where each bf16 product is converted to float32 first)."""
+    import safer_jax.demo as demo
+    from safer_jax.demo import bf16_products_pay
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\nbugs\t\t: sysret_ss_attrs\n"
+    assert bf16_products_pay(amx, "cpu") and bf16_products_pay(amx.replace("amx_bf16", "avx512_bf16"), "cpu")
+    assert not bf16_products_pay(zen3, "cpu") and not bf16_products_pay("", "cpu")
+    assert bf16_products_pay(zen3, "gpu") and bf16_products_pay("", "tpu")
+    for pays in (True, False):
+        monkeypatch.setattr(demo, "bf16_products_pay", lambda pays=pays: pays)
+        plan = plan_for(30)
+        for overrides in (plan.sft_overrides, plan.pref_overrides):
+            assert ("model.matmul_dtype=bfloat16" in overrides) is pays
+            assert not any(o.startswith("model.matmul_dtype=") and not o.endswith("bfloat16") for o in overrides)
+
+
 def test_pref_step_estimate_matches_the_measured_run():
     """The fourth demo run (docs/results.md): SFT 21.9 s a step of 3 x 768, preference 15.4 s a step
     of 2 x 4 x 256. The pairs are sized from this estimate; the 4/3 factor it replaced said 25.9 s."""
