@@ -85,8 +85,9 @@ EVAL_MAX_NEW_TOKENS = 640
 # 700): at 512, a fifth of the borderline traces lost their ends, and with them their end of turn.
 SFT_SEQ, SFT_ROWS = 768, 3
 # The 120 evaluation prompts decode as one batch (128 rows) whose finished rows leave it as it goes
-# (compaction): rows per second are about flat from 64 to 256 rows on this CPU, and one batch shares
-# the tail of its longest answers where two batches of 64 each decode to their own.
+# (compaction): a decode step decodes more rows a second at 128 rows than at 64 (58 against 50 on
+# the AVX2 EPYC, docs/benchmarks.md), and one batch shares the tail of its longest answers where
+# two batches of 64 each decode to their own.
 EVAL_BATCH = 128
 
 
