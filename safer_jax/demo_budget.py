@@ -180,14 +180,16 @@ class Pacer:
 
 
 def compacted_schedule(
-    lengths: list[int], max_new_tokens: int, check_every: int = 16, min_rows: int = 8
+    lengths: list[int], max_new_tokens: int, check_every: int | None = None, min_rows: int | None = None
 ) -> list[tuple[int, int]]:
     """The decode calls greedy generation of one batch makes, as (batch rows, steps) pairs, when
     row i's answer ends after `lengths[i]` tokens: `generate.sample_batch`'s compaction (every
-    `check_every` steps, the unfinished rows move to a batch of the next power of two, at least
-    `min_rows`, when that halves it), simulated so the demo can price an evaluation by rows."""
-    from safer_jax.generate import _pow2
+    `check_every` steps, default generate's, the unfinished rows move to a batch of the next power of
+    two, at least `min_rows` (default generate's), when that halves it), simulated so the demo can price an evaluation by rows."""
+    from safer_jax.generate import COMPACT_MIN_ROWS, STOP_STRING_CHECK_EVERY, _pow2
 
+    check_every = check_every or STOP_STRING_CHECK_EVERY
+    min_rows = min_rows or COMPACT_MIN_ROWS
     ends = [min(max(int(n), 1), max_new_tokens) for n in lengths]
     rows = _pow2(len(ends))
     shrink = rows >= 2 * min_rows

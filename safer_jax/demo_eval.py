@@ -126,7 +126,8 @@ def evaluate(
     clock.spend("load")
     load_s = clock.now() - t0
     gens: list[dict[str, Any]] = []
-    seg = {"prefill_s": 0.0, "steps": 0, "row_steps": 0, "by_rows": {}}
+    prefill_s = [0.0]
+    by_rows: dict[int, tuple[float, int]] = {}  # batch rows -> (seconds, decode steps)
     last = [clock.now()]
 
     def on_segment(info: dict[str, int]) -> bool:
@@ -135,12 +136,10 @@ def evaluate(
         now = clock.now()
         took, last[0] = now - last[0], now
         if info["phase"] == "prefill":
-            seg["prefill_s"] += took
+            prefill_s[0] += took
         elif steps:
-            seg["steps"] += steps
-            seg["row_steps"] += steps * rows
-            s, n = seg["by_rows"].get(rows, (0.0, 0))
-            seg["by_rows"][rows] = (s + took, n + steps)
+            s, n = by_rows.get(rows, (0.0, 0))
+            by_rows[rows] = (s + took, n + steps)
         # stop when the next call, as long as this one, would end past the deadline
         return deadline is not None and now + (took if info["phase"] == "decode" else 0.0) > deadline
 
@@ -164,11 +163,11 @@ def evaluate(
         _say(f"{name}: the deadline stopped decoding; {cut} of {len(gens)} answers are cut off (scored unfinished)")
     timing = {
         "load_s": round(load_s, 2),
-        "prefill_s": round(seg["prefill_s"], 2),
+        "prefill_s": round(prefill_s[0], 2),
         "generate_s": round(gen_s, 2),
-        "decode_steps": seg["steps"],
-        "row_steps": seg["row_steps"],
-        "step_s_by_rows": {str(r): round(s / n, 4) for r, (s, n) in sorted(seg["by_rows"].items())},
+        "decode_steps": sum(n for _, n in by_rows.values()),
+        "row_steps": sum(r * n for r, (_, n) in by_rows.items()),
+        "step_s_by_rows": {str(r): round(s / n, 4) for r, (s, n) in sorted(by_rows.items())},
         "cut": cut,
     }
     if cache is not None and not cut:

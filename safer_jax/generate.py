@@ -503,6 +503,20 @@ def generate_chat(
         return tok.decode(ids, skip_special_tokens=True)
 
     results: list[dict] = [{} for _ in rows]
+
+    def row_result(i: int, ids: list[int], text: str, reason: str) -> dict:
+        prefix = "".join(_prefix_parts(rows[i]))
+        reasoning, response = split_think(prefix + text, ct.fmt)
+        return {
+            "id": rows[i].get("id", i),
+            "text": prefix + text,
+            "reasoning": reasoning,
+            "response": response,
+            "prompt_tokens": len(encoded[i]),
+            "completion_tokens": len(ids),
+            "finish_reason": reason,
+        }
+
     bar = tqdm(
         total=len(batches) * sampling.max_new_tokens,
         desc=f"generate ({len(batches)} batches)",
@@ -515,18 +529,7 @@ def generate_chat(
         done_before = n * sampling.max_new_tokens
         if cut:  # stopped by on_segment: the later batches are not run
             for i in idx:
-                prefix = "".join(_prefix_parts(rows[i]))
-                reasoning, response = split_think(prefix, ct.fmt)
-                results[i] = {
-                    "id": rows[i].get("id", i),
-                    "text": prefix,
-                    "reasoning": reasoning,
-                    "response": response,
-                    "prompt_tokens": len(encoded[i]),
-                    "completion_tokens": 0,
-                    "finish_reason": "length",
-                    "cut": True,
-                }
+                results[i] = {**row_result(i, [], "", "length"), "cut": True}
             continue
         out = sample_batch(
             model,
@@ -546,19 +549,9 @@ def generate_chat(
         for i, ids, reason in zip(idx, out.tokens, out.finish_reasons):
             text = decode(ids)
             if reason == "stop_string":  # cut after the stop string (its last token may run past it)
-                cut = min((text.find(s) + len(s) for s in sampling.stop_strings if s in text), default=len(text))
-                text = text[:cut]
-            prefix = "".join(_prefix_parts(rows[i]))
-            reasoning, response = split_think(prefix + text, ct.fmt)
-            results[i] = {
-                "id": rows[i].get("id", i),
-                "text": prefix + text,
-                "reasoning": reasoning,
-                "response": response,
-                "prompt_tokens": len(encoded[i]),
-                "completion_tokens": len(ids),
-                "finish_reason": reason,
-            }
+                end = min((text.find(s) + len(s) for s in sampling.stop_strings if s in text), default=len(text))
+                text = text[:end]
+            results[i] = row_result(i, ids, text, reason)
             if cut and reason == "length" and len(ids) < sampling.max_new_tokens:
                 results[i]["cut"] = True
     bar.close()

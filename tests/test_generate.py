@@ -342,6 +342,12 @@ def test_generate_chat_batches_return_input_order(chat_model_dir):
         alone = generate_chat(model, tok, [src], sampling, progress=False)[0]  # batching changes nothing
         assert alone == r
         assert r["reasoning"] is None and r["response"] == r["text"].strip()
+    # a stop string met in the first batch ends that row only: every later batch still runs
+    first = min(rows, key=lambda r: r["prompt_tokens"])
+    stop = SamplingConfig(max_new_tokens=10, stop_strings=(first["text"][:3],))
+    stopped = generate_chat(model, tok, CHAT_ROWS, stop, batch_size=2, progress=False)
+    assert stopped[[r["id"] for r in rows].index(first["id"])]["finish_reason"] == "stop_string"
+    assert all(r["completion_tokens"] > 0 and "cut" not in r for r in stopped)
 
 
 def test_cli_generate_writes_rows_in_input_order(chat_model_dir, tmp_path, capsys):
