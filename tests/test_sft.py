@@ -394,3 +394,74 @@ def test_sft_reports_a_malformed_training_file_without_traceback(tmp_path):
     )
     assert r.returncode == 2
     assert "bad.jsonl:2: malformed JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def _step_with(model_dir, batch, tx, freeze_layers, scan_layers=True):
+    """(compiled step, state) for a model loaded with `freeze_layers`; the state keeps its params."""
+    model = from_pretrained(model_dir, param_dtype="float32", freeze_layers=freeze_layers, scan_layers=scan_layers)
+    graphdef, params = nnx.split(model)
+    state = init_state(params, tx)
+    return compile_step(sft_step, state, batch, None, log=lambda _: None, graphdef=graphdef, tx=tx, chunk=64), state
+
+
+def _named(params):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_frozen_blocks_and_embedding_stay_put_and_the_rest_trains_as_unfrozen(tiny, traces, scan_layers):
+    """`model.freeze_layers=1` of 2: the embedding and block 0 are bit-identical after steps of
+    AdamW with weight decay, while block 1 and the final norm get the very gradient they get in
+    the unfrozen model (the lower part's gradient does not feed theirs)."""
+    d, ct = tiny
+    batch = batches(traces[:16], ct, 1, 2)[0]
+    ident = optax.GradientTransformation(lambda p: optax.EmptyState(), lambda g, s, p=None: (g, s))
+    grads = {}
+    for k in (0, 1):
+        step, state = _step_with(d, batch, ident, k, scan_layers)
+        before = _named(state.params)
+        new, m = step(jax.tree.map(jnp.zeros_like, state).replace(params=state.params), batch)
+        grads[k] = {n: _named(new.params)[n] - before[n] for n in before}
+        assert np.isfinite(float(m["loss"]))
+    layer_names = [n for n in grads[0] if "layers" in n]
+    assert layer_names and any("embed" in n for n in grads[0])
+    for n, g in grads[1].items():
+        if "embed" in n:
+            assert not g.any(), n
+        elif "layers" in n:
+            assert not g[0].any(), n  # block 0: no gradient
+            np.testing.assert_allclose(g[1], grads[0][n][1], rtol=1e-5, atol=1e-7)
+            assert grads[0][n][0].any(), n  # unfrozen, block 0 moves: the check above can fail
+        else:
+            np.testing.assert_allclose(g, grads[0][n], rtol=1e-5, atol=1e-7)
+    tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.1, schedule="constant"), 10, 1)
+    step, state = _step_with(d, batch, tx, 1, scan_layers)
+    before = _named(state.params)
+    for _ in range(2):
+        state, _ = step(state, batch)
+    after = _named(state.params)
+    for n in before:
+        if "embed" in n:
+            np.testing.assert_array_equal(after[n], before[n])
+        elif "layers" in n:
+            np.testing.assert_array_equal(after[n][0], before[n][0])
+            assert not np.array_equal(after[n][1], before[n][1]), n
+
+
+def test_frozen_blocks_cost_no_backward(tiny, traces):
+    """XLA's own count: a step with the embedding and block 0 of 2 frozen does fewer flops than
+    the full step, by at least the backward of one block (a stop_gradient that still ran the
+    backward through the frozen part, producing zeros, would cost the same). Unrolled blocks:
+    XLA's count of a scan's loop does not multiply its body by the trip count."""
+    d, ct = tiny
+    batch = batches(traces[:16], ct, 1, 2)[0]
+    flops = {}
+    for k in (0, 1, 2):
+        tx = make_optimizer(OptimizerConfig(lr=1e-3, schedule="constant"), 10, k)
+        step, _ = _step_with(d, batch, tx, k, scan_layers=False)
+        cost = step.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops[k] = float(cost["flops"])
+    block_bwd = (flops[0] - flops[2]) / 2  # per block, when the head's backward is left in both
+    assert flops[1] < flops[0] and flops[2] < flops[1], flops
+    assert flops[0] - flops[1] > 0.8 * block_bwd, flops

@@ -54,6 +54,9 @@ class DecoderConfig:
     # operand dtype of the block's and head's matmuls (e.g. "bfloat16"), accumulated in `dtype`;
     # None = `dtype` itself. Activations, norms and softmax stay in `dtype`.
     matmul_dtype: str | None = None
+    # training only: the embedding table and the first `freeze_layers` blocks get no gradient (their
+    # backward is never computed: a cheaper step); the forward's values are unchanged
+    freeze_layers: int = 0
     # the source config.json / generation_config.json text, kept so export preserves extras
     hf_config_json: str = ""
     generation_config_json: str = ""
@@ -67,6 +70,8 @@ class DecoderConfig:
             )
         if self.matmul_dtype not in (None, *MATMUL_DTYPES):
             raise ModelConfigError(f"matmul_dtype={self.matmul_dtype!r} is not one of {MATMUL_DTYPES} (or None)")
+        if not 0 <= self.freeze_layers <= self.num_layers:
+            raise ModelConfigError(f"freeze_layers={self.freeze_layers} must be in 0..{self.num_layers} (the blocks)")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"

@@ -254,20 +254,32 @@ class DecoderLayers(nnx.Module):
         if cfg.remat != "none":
             static = (6,) if (not cfg.scan_layers or len(set(cfg.sliding_windows)) == 1) else ()  # the window
             fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=static)
-        if cfg.scan_layers:
-            windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
-            same = len(set(cfg.sliding_windows)) == 1  # one window for all layers: static (fused kernels need it)
+        k = cfg.freeze_layers  # blocks [0, k) take no gradient: a run of their own, behind stop_gradient
+        spans = [(0, k, True), (k, cfg.num_layers, False)] if k else [(0, cfg.num_layers, False)]
+        for lo, hi, frozen in spans:
+            if hi == lo:
+                continue
+            part = {name: v[lo:hi] for name, v in params.items()}  # [hi - lo, ...]
+            part = jax.lax.stop_gradient(part) if frozen else part
+            if cfg.scan_layers:
+                x = self._scan(cfg, fn, part, cfg.sliding_windows[lo:hi], x, sin, cos, segment_ids, index)
+            else:
+                for i in range(hi - lo):
+                    p = {name: v[i] for name, v in part.items()}
+                    x = fn(p, x, sin, cos, segment_ids, index, cfg.sliding_windows[lo + i])
+        return x
 
-            def body(carry, layer):
-                p, window = layer
-                window = cfg.sliding_windows[0] if same else window
-                return fn(p, carry, sin, cos, segment_ids, index, window), None
+    @staticmethod
+    def _scan(cfg, fn, params, windows_list, x, sin, cos, segment_ids, index):
+        windows = jnp.asarray(windows_list, jnp.int32)
+        same = len(set(cfg.sliding_windows)) == 1  # one window for all layers: static (fused kernels need it)
 
-            x, _ = jax.lax.scan(body, x, (params, windows))
-            return x
-        for i in range(cfg.num_layers):
-            p = {k: v[i] for k, v in params.items()}
-            x = fn(p, x, sin, cos, segment_ids, index, cfg.sliding_windows[i])
+        def body(carry, layer):
+            p, window = layer
+            window = cfg.sliding_windows[0] if same else window
+            return fn(p, carry, sin, cos, segment_ids, index, window), None
+
+        x, _ = jax.lax.scan(body, x, (params, windows))
         return x
 
 
@@ -313,12 +325,18 @@ class Decoder(nnx.Module):
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings `[B, T, D]` in the compute dtype."""
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        x = jnp.take(self._embedding(), input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
         return constrain(x, self.mesh, ("batch", "length", "act_embed"))
+
+    def _embedding(self) -> jax.Array:
+        """The `[V, D]` table; behind stop_gradient when blocks are frozen (`freeze_layers`), so
+        that no gradient reaches them through it, nor the table through a tied head."""
+        e = self.embed[...]
+        return jax.lax.stop_gradient(e) if self.config.freeze_layers else e
 
     def output_weights(self) -> jax.Array:
         """The `[D, V]` output projection (the embedding, transposed, when tied)."""
-        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return self._embedding().T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def head_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(hidden `[B, T, D]`, output weights `[D, V]`) as the head's product takes them: in

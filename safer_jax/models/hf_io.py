@@ -274,11 +274,13 @@ def from_pretrained(
     scan_layers: bool = True,
     attention: str = "xla",
     matmul_dtype: Any = None,
+    freeze_layers: int = 0,
 ) -> Decoder:
     """Load a HF folder, hub id or GGUF file into a (sharded, if `mesh`) decoder.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (defaults to `dtype`),
-    `matmul_dtype` the matmuls' operand dtype (defaults to `dtype`; see `DecoderConfig`).
+    `matmul_dtype` the matmuls' operand dtype (defaults to `dtype`; see `DecoderConfig`);
+    `freeze_layers` a training choice (`DecoderConfig.freeze_layers`).
     """
     folder = resolve_path(path, gguf_file)
     if gguf_file:
@@ -297,6 +299,7 @@ def from_pretrained(
         scan_layers=scan_layers,
         attention=attention,
         matmul_dtype=None if matmul_dtype is None else _dtype_name(matmul_dtype),
+        freeze_layers=freeze_layers,
         generation_config_json=gen.read_text() if gen.exists() else "",
     )
     if not gguf_file:

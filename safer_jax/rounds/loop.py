@@ -106,6 +106,7 @@ class Env:
                 param_dtype=mc.param_dtype,
                 mesh=self.mesh,
                 matmul_dtype=mc.matmul_dtype,
+                freeze_layers=mc.freeze_layers,
             )
             self._policy = (loc[0], model)
         return self._policy[1]

@@ -84,7 +84,7 @@ def export_checkpoint(
     # restore onto host memory: the optimizer moments come along (3x the model), not onto an accelerator
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.freeze_layers)
     opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), jax.eval_shape(tx.init, params))
     target = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=dev), params=params, opt_state=opt)
     mgr = CheckpointManager(run_dir / "checkpoints")

@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from safer_jax.config import OptimizerConfig
@@ -30,10 +31,34 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm])
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def _path_keys(path: tuple[Any, ...]) -> list[str]:
     keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    keys = [str(k) for k in keys if k is not None and str(k) not in ("value", "raw_value")]
+    return [str(k) for k in keys if k is not None and str(k) not in ("value", "raw_value")]
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    keys = _path_keys(path)
     return keys[-1] if keys else ""
+
+
+def keep_frozen(freeze_layers: int) -> optax.GradientTransformation:
+    """Zero updates for what `model.freeze_layers` freezes: the embedding table and rows
+    `[0, freeze_layers)` of every stacked block parameter (`[L, ...]`). Their gradients are already
+    zero (the model stops them); this keeps weight decay and any later transform off them too."""
+
+    def zero(path: tuple[Any, ...], u: Any) -> Any:
+        keys = _path_keys(path)
+        if keys and keys[0] == "embed":
+            return jnp.zeros_like(u)
+        if keys and keys[0] == "layers":
+            return u.at[:freeze_layers].set(0)
+        return u
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree_util.tree_map_with_path(zero, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def decay_mask(params: Any) -> Any:
@@ -42,9 +67,12 @@ def decay_mask(params: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """One object per (config, steps): a step jitted with it is found again by `compile_step`."""
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, freeze_layers: int = 0) -> optax.GradientTransformation:
+    """One object per (config, steps, frozen blocks): a step jitted with it is found again by
+    `compile_step`. `freeze_layers` is `model.freeze_layers` (`keep_frozen`)."""
     sched = schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+    if freeze_layers:
+        parts.append(keep_frozen(freeze_layers))
     return optax.chain(*parts)

@@ -196,7 +196,7 @@ def setup(cfg: PrefOptConfig) -> dict[str, Any]:
     )
     stats = TruncationStats()
     train_iter = iter(preference_dataset(pairs, ct, pcfg, stats=stats, ref_logps=ref_logps))
-    tx = make_optimizer(cfg.optimizer, tc.steps)
+    tx = make_optimizer(cfg.optimizer, tc.steps, cfg.model.freeze_layers)
     state = init_state(params, tx, mesh)
     return dict(
         run=run,

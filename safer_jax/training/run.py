@@ -105,6 +105,7 @@ def build_run(cfg: Any, texts: Any = (), *, train: bool = True, load_model: bool
             scan_layers=cfg.model.scan_layers,
             attention=cfg.model.attention,
             matmul_dtype=cfg.model.matmul_dtype,
+            freeze_layers=cfg.model.freeze_layers,
         )
     tok = load_tokenizer(cfg.data.tokenizer or location[0], None if cfg.data.tokenizer else location[1], run_dir)
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, model=model, tokenizer=tok, model_location=location)

@@ -70,7 +70,7 @@ def setup(cfg: SFTConfig) -> dict[str, Any]:
             ),
             pack=cfg.data.pack,
         )
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.freeze_layers)
     graphdef, params = nnx.split(run.model)
     mcfg, run.model = run.model.config, None  # the state holds the weights from here on
     state = init_state(params, tx, mesh)
