@@ -277,6 +277,16 @@ def test_bf16_products_only_where_the_hardware_has_bf16_dots(monkeypatch):
             assert not any(o.startswith("model.matmul_dtype=") and not o.endswith("bfloat16") for o in overrides)
 
 
+def test_the_preference_stage_keeps_an_sft_term_on_the_chosen_span():
+    """The demo's decision pairs differ in one word; without RPO's term 43 steps raised plain harmful
+    compliance from the SFT model's 10% to 40% (docs/results.md). The override must reach the loss."""
+    from safer_jax.config import PrefOptConfig, load_config
+
+    for plan in (plan_for(30), plan_for(full=True)):
+        cfg = load_config(PrefOptConfig, None, list(plan.pref_overrides))
+        assert cfg.preference.loss_type == "sigmoid" and cfg.preference.hparams()["rpo_lambda"] == 1.0
+
+
 def test_pref_step_estimate_matches_the_measured_run():
     """The fourth demo run (docs/results.md): SFT 21.9 s a step of 3 x 768, preference 15.4 s a step
     of 2 x 4 x 256. The pairs are sized from this estimate; the 4/3 factor it replaced said 25.9 s."""
