@@ -74,10 +74,6 @@ QUICK_BUDGET_MINUTES = 3.0
 # The guessed 4/3 it replaced sized 24 pairs for a stage that ran 15 steps (each pair seen 2.5 times).
 PREF_TOKEN_COST = 0.8
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
-# and the supportive self-harm completions (harmful prompts whose trace decides `safe_complete`: 13 of
-# the bundled traces) six times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
-# shape in the tenth run, a fixed four-part answer that needs repeating (docs/results.md)
-SUPPORTIVE_COPIES = 6
 # with few preference steps, spend them on the pairs that decide refusing vs answering
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
@@ -355,11 +351,7 @@ def run_demo(
         from safer_jax.training.sft_loop import train_sft
 
         sft_data = run_dir / "sft_traces.jsonl"
-        n_traces = (
-            _write_sft_traces(sft_data, harmful_copies=1)
-            if m == "tiny"
-            else _write_sft_traces(sft_data, HARMFUL_COPIES, SUPPORTIVE_COPIES)
-        )
+        n_traces = _write_sft_traces(sft_data, harmful_copies=1 if m == "tiny" else HARMFUL_COPIES)
         _say(f"{n_traces} SFT traces in {sft_data}")
         pacer, share = _pacer("sft", budget, later_s, SFT_SHARE, m, clock, final_s)
         steps = plan.sft_steps
@@ -554,21 +546,13 @@ def _headline(res: Any) -> dict[str, Any]:
     return {k: o.get(k) for k in keys}
 
 
-def _write_sft_traces(path: Path, harmful_copies: int, supportive_copies: int | None = None) -> int:
+def _write_sft_traces(path: Path, harmful_copies: int) -> int:
     """The bundled traces, harmful ones `harmful_copies` times: a short CPU run sees each trace
-    about once, and refusing is the behaviour the base model lacks entirely. The harmful ones that
-    decide `safe_complete` (the supportive self-harm answers) `supportive_copies` times (default:
-    `harmful_copies`)."""
+    about once, and refusing is the behaviour the base model lacks entirely."""
     from safer_jax.data.pipeline import load_traces
 
     traces = load_traces(bundled("train_traces.jsonl"))
-
-    def copies(t: Any) -> int:
-        if t.label != "harmful":
-            return 1
-        return supportive_copies if supportive_copies and t.decision == "safe_complete" else harmful_copies
-
-    rows = [t for t in traces for _ in range(copies(t))]
+    rows = [t for t in traces for _ in range(harmful_copies if t.label == "harmful" else 1)]
     path.write_text("".join(json.dumps(t.to_json()) + "\n" for t in rows))
     return len(rows)
 

@@ -287,28 +287,6 @@ def test_the_preference_stage_keeps_an_sft_term_on_the_chosen_span():
         assert cfg.preference.loss_type == "sigmoid" and cfg.preference.hparams()["rpo_lambda"] == 1.0
 
 
-def test_sft_traces_repeat_harmful_ones_and_the_supportive_self_harm_answers_more(tmp_path):
-    """The demo's SFT file: benign and borderline traces once, harmful ones HARMFUL_COPIES times, and
-    the supportive self-harm completions (harmful, `safe_complete`) SUPPORTIVE_COPIES times."""
-    from collections import Counter
-
-    from safer_jax.data import bundled
-    from safer_jax.data.pipeline import load_traces
-    from safer_jax.demo import HARMFUL_COPIES, SUPPORTIVE_COPIES, _write_sft_traces
-
-    traces = load_traces(bundled("train_traces.jsonl"))
-    out = tmp_path / "sft.jsonl"
-    n = _write_sft_traces(out, HARMFUL_COPIES, SUPPORTIVE_COPIES)
-    seen = Counter(json.loads(line)["id"] for line in out.read_text().splitlines())
-    assert n == sum(seen.values())
-    supportive = [t for t in traces if t.label == "harmful" and t.decision == "safe_complete"]
-    assert len(supportive) >= 10 and SUPPORTIVE_COPIES > HARMFUL_COPIES
-    for t in traces:
-        want = 1 if t.label != "harmful" else SUPPORTIVE_COPIES if t in supportive else HARMFUL_COPIES
-        assert seen[t.id] == want, (t.id, t.label, t.decision)
-    assert _write_sft_traces(out, 1) == len(traces)  # the quick demo's tiny model: each trace once
-
-
 def test_pref_step_estimate_matches_the_measured_run():
     """The fourth demo run (docs/results.md): SFT 21.9 s a step of 3 x 768, preference 15.4 s a step
     of 2 x 4 x 256. The pairs are sized from this estimate; the 4/3 factor it replaced said 25.9 s."""
