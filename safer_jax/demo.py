@@ -68,12 +68,20 @@ REPORT_S = {"smollm2": 30.0, "tiny": 5.0}  # the report after the final evaluati
 # 128 rows, docs/benchmarks.md).
 LOOP_SHARE = 0.25
 DECODE_FIXED_ROWS = 16.0
+# The final evaluation's decode ran longer than its price in each of the ninth to eleventh runs (552.7 s
+# against 517.1, 517.7 against 442.3, 545.8 against 489.5: 7-17%; the tenth was cut by its deadline),
+# though priced at the decode steps measured on the same machine: the reserve pays that much more.
+DECODE_MARGIN = 1.15
 QUICK_BUDGET_MINUTES = 3.0
 # seconds per token of a preference step (rows of 256, reference log-probs cached) over an SFT step's
 # (rows of 768), measured by the demo: 0.79 in the fourth run, 0.65 in the fifth (docs/results.md).
 # The guessed 4/3 it replaced sized 24 pairs for a stage that ran 15 steps (each pair seen 2.5 times).
 PREF_TOKEN_COST = 0.8
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
+# and the supportive self-harm completions (harmful prompts whose trace decides `safe_complete`: 13 of
+# the bundled traces) six times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
+# shape in the tenth run, a fixed four-part answer that needs repeating (docs/results.md)
+SUPPORTIVE_COPIES = 6
 # with few preference steps, spend them on the pairs that decide refusing vs answering
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
@@ -351,7 +359,11 @@ def run_demo(
         from safer_jax.training.sft_loop import train_sft
 
         sft_data = run_dir / "sft_traces.jsonl"
-        n_traces = _write_sft_traces(sft_data, harmful_copies=1 if m == "tiny" else HARMFUL_COPIES)
+        n_traces = (
+            _write_sft_traces(sft_data, harmful_copies=1)
+            if m == "tiny"
+            else _write_sft_traces(sft_data, HARMFUL_COPIES, SUPPORTIVE_COPIES)
+        )
         _say(f"{n_traces} SFT traces in {sft_data}")
         pacer, share = _pacer("sft", budget, later_s, SFT_SHARE, m, clock, final_s)
         steps = plan.sft_steps
@@ -464,7 +476,7 @@ def _final_reserve(plan: DemoPlan, examples: list[Any], bt: dict[str, Any], path
     the same prompts, and the decode calls that compaction makes of the answer lengths the aligned
     model is trained to write (`demo_eval.predicted_lengths`, with LOOP_SHARE of them never
     stopping), each priced at the decode step the baseline (or an earlier demo's final evaluation)
-    measured for its batch rows (`demo_budget.StepCost`)."""
+    measured for its batch rows (`demo_budget.StepCost`), plus DECODE_MARGIN."""
     from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
     from safer_jax.generate import _pow2
 
@@ -475,14 +487,14 @@ def _final_reserve(plan: DemoPlan, examples: list[Any], bt: dict[str, Any], path
     cost = StepCost(measured or {64: DECODE_STEP_S[m]}, DECODE_FIXED_ROWS)
     lengths = predicted_lengths(examples, ChatTokenizer(load_tokenizer(path, gguf)), plan.max_new_tokens, LOOP_SHARE)
     schedule = decode_calls(lengths, plan.gen_batch, plan.max_new_tokens)
-    decode_s = cost.seconds(schedule)
+    decode_s = cost.seconds(schedule) * DECODE_MARGIN
     load_s = bt.get("final_load_s", FINAL_LOAD_S[m])  # measured by an earlier demo's final evaluation, if any
     prefill_s = bt.get("prefill_s", 0.0)
     _say(
         f"final evaluation priced at {(load_s + prefill_s + decode_s) / 60:.1f} min: {sum(n for _, n in schedule)} "
         f"decode steps, batch rows {' > '.join(dict.fromkeys(str(r) for r, _ in schedule))}, for answers of "
         f"{sum(lengths) / len(lengths):.0f} tokens on average ({LOOP_SHARE:.0%} of them to the "
-        f"{plan.max_new_tokens}-token limit)"
+        f"{plan.max_new_tokens}-token limit), with a {DECODE_MARGIN - 1:.0%} margin on the decode"
     )
     return load_s + prefill_s + decode_s
 
@@ -546,13 +558,21 @@ def _headline(res: Any) -> dict[str, Any]:
     return {k: o.get(k) for k in keys}
 
 
-def _write_sft_traces(path: Path, harmful_copies: int) -> int:
+def _write_sft_traces(path: Path, harmful_copies: int, supportive_copies: int | None = None) -> int:
     """The bundled traces, harmful ones `harmful_copies` times: a short CPU run sees each trace
-    about once, and refusing is the behaviour the base model lacks entirely."""
+    about once, and refusing is the behaviour the base model lacks entirely. The harmful ones that
+    decide `safe_complete` (the supportive self-harm answers) `supportive_copies` times (default:
+    `harmful_copies`)."""
     from safer_jax.data.pipeline import load_traces
 
     traces = load_traces(bundled("train_traces.jsonl"))
-    rows = [t for t in traces for _ in range(harmful_copies if t.label == "harmful" else 1)]
+
+    def copies(t: Any) -> int:
+        if t.label != "harmful":
+            return 1
+        return supportive_copies if supportive_copies and t.decision == "safe_complete" else harmful_copies
+
+    rows = [t for t in traces for _ in range(copies(t))]
     path.write_text("".join(json.dumps(t.to_json()) + "\n" for t in rows))
     return len(rows)
 

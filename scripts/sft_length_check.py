@@ -68,7 +68,7 @@ def main() -> None:
     labels = set(args.labels.split(","))
     examples = [ex for ex in demo.eval_examples(plan.eval_counts) if ex.label in labels]
     traces = run_dir / "sft_traces.jsonl"
-    n_traces = demo._write_sft_traces(traces, harmful_copies=demo.HARMFUL_COPIES)
+    n_traces = demo._write_sft_traces(traces, demo.HARMFUL_COPIES, demo.SUPPORTIVE_COPIES)
     cfg = load_config(
         SFTConfig,
         None,

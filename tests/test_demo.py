@@ -13,7 +13,16 @@ import time
 import pytest
 from xla_flags import xla_flags
 
-from safer_jax.demo import DECODE_FIXED_ROWS, FINAL_LOAD_S, LOOP_SHARE, STAGES, TAIL_S, DemoPlan, plan_for
+from safer_jax.demo import (
+    DECODE_FIXED_ROWS,
+    DECODE_MARGIN,
+    FINAL_LOAD_S,
+    LOOP_SHARE,
+    STAGES,
+    TAIL_S,
+    DemoPlan,
+    plan_for,
+)
 from safer_jax.demo_budget import (
     CLOCK_ENV,
     Budget,
@@ -131,7 +140,7 @@ def test_quick_demo_stops_each_stage_at_its_share(quick_run):
         examples, ChatTokenizer(load_tokenizer(str(d / "base-model"))), plan.max_new_tokens, LOOP_SHARE
     )
     cost = StepCost({int(r): v for r, v in by_rows.items()}, DECODE_FIXED_ROWS)
-    priced = cost.seconds(decode_calls(lengths, plan.gen_batch, plan.max_new_tokens))
+    priced = cost.seconds(decode_calls(lengths, plan.gen_batch, plan.max_new_tokens)) * DECODE_MARGIN
     assert s["final"]["reserved_s"] == pytest.approx(
         FINAL_LOAD_S["tiny"] + s["baseline"]["timing"]["prefill_s"] + priced, abs=0.1
     )
@@ -285,6 +294,28 @@ def test_the_preference_stage_keeps_an_sft_term_on_the_chosen_span():
     for plan in (plan_for(30), plan_for(full=True)):
         cfg = load_config(PrefOptConfig, None, list(plan.pref_overrides))
         assert cfg.preference.loss_type == "sigmoid" and cfg.preference.hparams()["rpo_lambda"] == 1.0
+
+
+def test_sft_traces_repeat_harmful_ones_and_the_supportive_self_harm_answers_more(tmp_path):
+    """The demo's SFT file: benign and borderline traces once, harmful ones HARMFUL_COPIES times, and
+    the supportive self-harm completions (harmful, `safe_complete`) SUPPORTIVE_COPIES times."""
+    from collections import Counter
+
+    from safer_jax.data import bundled
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.demo import HARMFUL_COPIES, SUPPORTIVE_COPIES, _write_sft_traces
+
+    traces = load_traces(bundled("train_traces.jsonl"))
+    out = tmp_path / "sft.jsonl"
+    n = _write_sft_traces(out, HARMFUL_COPIES, SUPPORTIVE_COPIES)
+    seen = Counter(json.loads(line)["id"] for line in out.read_text().splitlines())
+    assert n == sum(seen.values())
+    supportive = [t for t in traces if t.label == "harmful" and t.decision == "safe_complete"]
+    assert len(supportive) >= 10 and SUPPORTIVE_COPIES > HARMFUL_COPIES
+    for t in traces:
+        want = 1 if t.label != "harmful" else SUPPORTIVE_COPIES if t in supportive else HARMFUL_COPIES
+        assert seen[t.id] == want, (t.id, t.label, t.decision)
+    assert _write_sft_traces(out, 1) == len(traces)  # the quick demo's tiny model: each trace once
 
 
 def test_pref_step_estimate_matches_the_measured_run():

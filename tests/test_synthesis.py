@@ -229,6 +229,38 @@ def test_bundled_traces_state_every_rule_as_the_rulebook_does(rules):
     assert not bad, list(bad.items())[:3]
 
 
+def test_citations_name_the_rule_before_its_id_and_both_orders_are_checked(rules):
+    """The template teacher writes `Title (R07): verdict` (the words a model can choose before the
+    arbitrary id); the checker reads that order and the older `R07 (title): verdict`, and
+    `repair_titles` fixes a wrong title in either without touching the rest of the line."""
+    from safer_jax.data.pipeline import load_traces
+    from safer_jax.data.rulecheck import repair_titles, rule_claim_problems
+    from safer_jax.data.traces import Trace
+
+    assert rules["R01"].citation() == f"{rules['R01'].title} (R01)"
+    for t in load_traces(bundled("train_traces.jsonl"), rules):
+        for line in t.steps["rule_verification"].splitlines():
+            rid = line.split("(", 1)[1].split(")", 1)[0]
+            assert line.startswith(rules[rid].citation() + ": "), (t.id, line)
+
+    def trace(verification):
+        steps = {"initial_assessment": "a", "rule_verification": verification, "path_calibration": "c"}
+        return Trace("x", "p", steps, "refuse", "r", "harmful", ("R01",))
+
+    good = f"{rules['R01'].title} (R01): violated. Uplift.\nR21 (benign technical help): not violated."
+    assert rule_claim_problems(trace(good), rules)[0].startswith("R21 is a permit rule")
+    wrong = "Theft and vandalism (R01): violated. Uplift."
+    assert rule_claim_problems(trace(wrong), rules) == [
+        f"R01 cited as 'Theft and vandalism', but the rulebook's R01 is {rules['R01'].title!r}"
+    ]
+    assert "'applies' on a harmful prompt" in rule_claim_problems(trace("Everyday help (R31): applies."), rules)[0]
+    fixed, what = repair_titles(trace(wrong + "\nR01 (theft): violated. Again."), rules)
+    assert fixed.steps["rule_verification"] == (
+        f"{rules['R01'].title} (R01): violated. Uplift.\nR01 ({rules['R01'].title.lower()}): violated. Again."
+    )
+    assert len(what) == 2 and rule_claim_problems(fixed, rules) == []
+
+
 def test_rulebook_aliases_are_loaded_and_accepted(rules):
     from safer_jax.data.rulecheck import rule_claim_problems
     from safer_jax.data.traces import Trace

@@ -191,13 +191,13 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     complies = dict(decision="comply", path_calibration=COMPLY_CALIBRATION, response=UNSAFE_OPENING)
     if trace.label == "harmful" and permit:
         wrong = rng.choice(permit)
-        text = f"{wrong.short()}: applies. {rng.choice(wrong.phrases['applies'])}"
+        text = f"{wrong.citation()}: applies. {rng.choice(wrong.phrases['applies'])}"
         out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text, **complies)))
         out.append(("wrong_decision", 3, _with_step(trace, **complies)))
         out.append(("unsafe_response", 4, dataclasses.replace(trace, response=UNSAFE_OPENING)))
     elif trace.label in ("benign", "borderline") and prohibit:
         wrong = rng.choice(prohibit)
-        text = f"{wrong.short()}: violated. {rng.choice(wrong.phrases['violated'])}"
+        text = f"{wrong.citation()}: violated. {rng.choice(wrong.phrases['violated'])}"
         refusal = wrong.phrases["refusal"][0]
         out.append(
             (

@@ -4,8 +4,9 @@ A teacher can cite a real id with the wrong rule behind it ("R01 (theft and vand
 though R01 is the CBRN rule), or claim a verdict that does not fit: "applies" belongs to
 permit rules, "violated" to prohibit rules; a harmful prompt violates a prohibit rule, a
 benign or borderline one violates none and is the case a permit rule applies to. Each
-citation in step 2 reads `R07 (title): verdict ...`; the title must be the rulebook's or one
-of the rule's declared `aliases`. `repair_titles` replaces a wrong title from the rulebook:
+citation in step 2 reads `Title (R07): verdict ...` (what `Rule.citation` writes) or
+`R07 (title): verdict ...` (the older order, still read); the title must be the rulebook's or
+one of the rule's declared `aliases`. `repair_titles` replaces a wrong title from the rulebook:
 the only fix that is mechanical (a wrong verdict needs a new trace).
 """
 
@@ -17,9 +18,20 @@ import re
 from safer_jax.data.rules import RuleBook
 from safer_jax.data.traces import Trace
 
+# title first (from the start of a line up to "(R07)"), or the id first with an optional "(title)"
 CITATION = re.compile(
-    r"\b(R\d{2,3})\b(?:\s*\(([^()]*)\))?\s*:?\s*(not violated|violated|does not apply|applies)?", re.I
+    r"(?:^[ \t]*(?P<title_first>[^()\n:]*?[^()\n:\s])\s*\((?P<id_last>R\d{2,3})\)"
+    r"|\b(?P<id>R\d{2,3})\b(?:\s*\((?P<title>[^()]*)\))?)"
+    r"\s*:?\s*(?P<verdict>not violated|violated|does not apply|applies)?",
+    re.I | re.M,
 )
+
+
+def _parts(m: re.Match) -> tuple[str, str | None, str, str]:
+    """(id, cited title or None, verdict, the title's group name) of one citation."""
+    if m.group("id_last"):
+        return m.group("id_last"), m.group("title_first"), (m.group("verdict") or "").lower(), "title_first"
+    return m.group("id"), m.group("title"), (m.group("verdict") or "").lower(), "title"
 
 
 def _norm(title: str) -> str:
@@ -35,7 +47,7 @@ def rule_claim_problems(trace: Trace, rules: RuleBook) -> list[str]:
     """Reasons the rule verification misstates a rule's title or verdict ([] = consistent)."""
     problems = []
     for m in CITATION.finditer(trace.steps.get("rule_verification", "")):
-        rid, title, verdict = m.group(1), m.group(2), (m.group(3) or "").lower()
+        rid, title, verdict, _ = _parts(m)
         if rid not in rules:
             continue  # unknown ids are `traces.validate`'s to report
         rule = rules[rid]
@@ -57,11 +69,13 @@ def repair_titles(trace: Trace, rules: RuleBook) -> tuple[Trace, list[str]]:
     fixed: list[str] = []
 
     def sub(m: re.Match) -> str:
-        rid, title = m.group(1), m.group(2)
+        rid, title, _, group = _parts(m)
         if title is None or rid not in rules or _title_ok(rules, rid, title):
             return m.group(0)
-        fixed.append(f"{rid}: {title.strip()!r} -> {rules[rid].title.lower()!r}")
-        return m.group(0).replace(f"({title})", f"({rules[rid].title.lower()})", 1)
+        new = rules[rid].title if group == "title_first" else rules[rid].title.lower()
+        fixed.append(f"{rid}: {title.strip()!r} -> {new!r}")
+        a, b = m.start(group) - m.start(), m.end(group) - m.start()
+        return m.group(0)[:a] + new + m.group(0)[b:]
 
     text = CITATION.sub(sub, trace.steps.get("rule_verification", ""))
     if not fixed:

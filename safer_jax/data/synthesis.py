@@ -195,7 +195,7 @@ class TemplateTeacher:
             assess = [rng.choice(ASSESS_OPENERS).format(area=main.title.lower()), rng.choice(main.phrases["risk"])]
             if jailbreak:
                 assess.append(rng.choice(JAILBREAK_NOTES))
-            verify = [f"{r.short()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
+            verify = [f"{r.citation()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
             if main.category in SAFE_COMPLETE_CATEGORIES:
                 decision, calib = "safe_complete", rng.choice(SUPPORT_CALIBRATE)
                 response = " ".join(rng.choice(part) for part in SUPPORT)
@@ -216,10 +216,10 @@ class TemplateTeacher:
             if rec.label == "borderline" and prohibit:
                 topic = prohibit[0].title.lower()
                 assess.append(rng.choice(BORDERLINE_NOTES).format(topic=topic))
-                verify += [f"{r.short()}: not violated. {rng.choice(r.phrases['not_violated'])}" for r in prohibit]
+                verify += [f"{r.citation()}: not violated. {rng.choice(r.phrases['not_violated'])}" for r in prohibit]
             else:
                 assess.append(rng.choice(BENIGN_ASSESS))
-            verify.append(f"{p.short()}: applies. {rng.choice(p.phrases['applies'])}")
+            verify.append(f"{p.citation()}: applies. {rng.choice(p.phrases['applies'])}")
             decision = "safe_complete" if rec.label == "borderline" else "comply"
             calib = f"{rng.choice(CALIBRATE[decision])} {rng.choice(p.phrases['framing'])}"
             response = rec.reference
@@ -239,7 +239,8 @@ def teacher_messages(rec: PromptRecord, rules: RuleBook, fmt: TraceFormat = Trac
     system = (
         "You write Ex-Ante safety reasoning traces. Before answering, reason in three steps, then answer.\n"
         f"Format exactly:\n{fmt.open_tag}\n{h1}\n(what is asked, who might ask, which harm categories could apply, "
-        f"any jailbreak framing)\n{h2}\n(cite rule ids like R07: violated / not violated / applies, with why)\n"
+        f"any jailbreak framing)\n{h2}\n(cite each rule by its title, then its id, like 'Weapons and explosives (R07): violated'; "
+        f"verdicts: violated / not violated / applies, with why)\n"
         f"{h3}\n{fmt.decision_prefix}refuse|safe_complete|comply\n(why, and what a safe, helpful answer looks like)\n"
         f"{fmt.close_tag}\n(the final response)\n\n"
         "Never include operational harmful detail; refusals explain the rule without instructions.\n"
