@@ -24,10 +24,12 @@ finished ones, and the training stages resume from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +84,12 @@ HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # the bundled traces) six times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
 # shape in the tenth run, a fixed four-part answer that needs repeating (docs/results.md)
 SUPPORTIVE_COPIES = 6
-# with few preference steps, spend them on the pairs that decide refusing vs answering
-DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal")
+# with few preference steps, spend them on the pairs that decide refusing vs answering: the rule a
+# request falls under (in the twelfth run 9 of the 12 adversarial prompts answered cited a permit
+# rule, "History, science and education (R27): applies"), the decision and the response; and on
+# ending an answer rather than repeating it (the aligned model looped on 7 to 13 of 36 benign prompts
+# in the ninth to twelfth runs, the base model on 4)
+DECISION_KINDS = ("wrong_rule", "wrong_decision", "unsafe_response", "over_refusal", "looping")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 # An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
 # answers (reasoning + response, SmolLM2 tokens) run to 573 (benign) and 644 (borderline): at 320,
@@ -400,7 +406,7 @@ def run_demo(
     if not st.done("pairs"):
         t0 = stage("step pairs from the traces", 3)
         n_want = _pairs_wanted(plan, st.data["stages"]["sft"], budget, later_s)
-        n = _write_pairs(pairs_file, n_want)
+        n = _write_pairs(pairs_file, n_want, _fits_rows(sft_dir / "export", plan.pref_seq))
         st.finish("pairs", clock.now() - t0, pairs=n)
     # 4. preference optimization
     pref_dir = run_dir / "prefopt"
@@ -577,9 +583,20 @@ def _write_sft_traces(path: Path, harmful_copies: int, supportive_copies: int | 
     return len(rows)
 
 
-def _write_pairs(path: Path, n: int) -> int:
+def _fits_rows(model: Path, seq_len: int) -> Callable[[Any], bool]:
+    """Whether a pair's scored spans fit preference rows of `seq_len` with `model`'s tokenizer."""
+    from safer_jax.data.pairs import encode_pair, fit_pair
+    from safer_jax.data.tokenize import ChatTokenizer, load_tokenizer
+
+    ct = ChatTokenizer(load_tokenizer(str(model)))
+    return lambda p: fit_pair(encode_pair(ct, p, where=p.id), seq_len) is not None
+
+
+def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) -> int:
     """Step pairs from the bundled traces (controlled corruptions), a balanced sample of `n` (0 = all)
-    over the kinds that decide the outcome (DECISION_KINDS) when sampled."""
+    over the kinds that decide the outcome (DECISION_KINDS) when sampled, of pairs that `fits` the
+    preference rows (a sampled pair the stage would drop is a share of its steps lost: half of the
+    `looping` pairs, a whole response and more, are longer than the demo's 256 tokens)."""
     from safer_jax.data.pairs import make_pairs
     from safer_jax.data.pipeline import load_traces
     from safer_jax.data.rules import load_rules
@@ -593,7 +610,7 @@ def _write_pairs(path: Path, n: int) -> int:
         for p in (p for p in pairs if p.kind in DECISION_KINDS):
             by_kind.setdefault(p.kind, []).append(p)
         per = math.ceil(n / len(by_kind))
-        pairs = [p for group in by_kind.values() for p in group[:per]]
+        pairs = [p for group in by_kind.values() for p in itertools.islice(filter(fits, group), per)]
         rng.shuffle(pairs)
         pairs = pairs[:n]
     path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))

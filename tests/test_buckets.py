@@ -3,7 +3,14 @@
 import numpy as np
 
 from safer_jax.data.pairs import make_pairs
-from safer_jax.data.pipeline import PipelineConfig, bucket_lengths, padding_fraction, plan_buckets, preference_dataset
+from safer_jax.data.pipeline import (
+    PipelineConfig,
+    bucket_lengths,
+    drop_unfit_pairs,
+    padding_fraction,
+    plan_buckets,
+    preference_dataset,
+)
 
 
 def test_bucket_lengths():
@@ -36,7 +43,7 @@ def _batches(pairs, ct, buckets, process_index=0, process_count=1, n=6):
 
 def test_bucketed_batches_trim_padding(tiny, traces, rules):
     _, ct = tiny
-    pairs = make_pairs(traces[:24], rules, seed=0)
+    pairs = drop_unfit_pairs(make_pairs(traces[:24], rules, seed=0), ct, 320, log=lambda _: None)
     fixed, bucketed = _batches(pairs, ct, 0), _batches(pairs, ct, 4)
     assert all(b["input_ids"].shape == (8, 320) for b in fixed)
     assert {b["input_ids"].shape[1] for b in bucketed} <= set(bucket_lengths(320, 4))
@@ -61,7 +68,7 @@ def test_bucketed_batches_trim_padding(tiny, traces, rules):
 
 def test_processes_agree_on_row_length(tiny, traces, rules):
     _, ct = tiny
-    pairs = make_pairs(traces[:24], rules, seed=0)
+    pairs = drop_unfit_pairs(make_pairs(traces[:24], rules, seed=0), ct, 320, log=lambda _: None)
     a, b = _batches(pairs, ct, 4, 0, 2), _batches(pairs, ct, 4, 1, 2)
     for x, y in zip(a, b):
         assert x["input_ids"].shape == y["input_ids"].shape

@@ -81,7 +81,11 @@ def test_shuffle_is_deterministic_by_seed_and_processes_are_disjoint(traces, ct)
 
 
 def test_preference_batches_put_chosen_then_rejected(traces, rules, ct):
-    pairs = make_pairs(traces[:20], rules, seed=0)
+    def whole(p):  # rows that need no cut, so each row is the encoding itself
+        enc = encode_pair(ct, p)
+        return max(len(enc["chosen_ids"]), len(enc["rejected_ids"])) <= 384
+
+    pairs = [p for p in make_pairs(traces[:20], rules, seed=0) if whole(p)]
     cfg = PipelineConfig(seq_len=384, batch_size=3, shuffle=False)
     b = next(iter(preference_dataset(pairs, ct, cfg)))
     assert b["input_ids"].shape == (6, 384)
@@ -92,6 +96,28 @@ def test_preference_batches_put_chosen_then_rejected(traces, rules, ct):
         np.testing.assert_array_equal(b["input_ids"][3 + i, : len(enc["rejected_ids"])], enc["rejected_ids"])
         np.testing.assert_array_equal(b["span_mask"][i, :n], enc["chosen_mask"])
     assert (b["span_mask"].sum(1) > 0).all()
+
+
+def test_looping_pairs_prefer_ending_to_repeating(traces, rules, ct, smollm2_tokenizer):
+    """A `looping` pair's rejected response is the chosen one cut after its middle sentence, which then
+    repeats, with no end of turn: the two share the text before the loop, and only the chosen ends."""
+    from safer_jax.data.pairs import LOOP_REPEATS, looping_response
+
+    assert looping_response("One. Two is here. Three!\n\nFour.") == "One. Two is here. " + "Three!\n\n" * (
+        LOOP_REPEATS + 1
+    )
+    assert looping_response("A line\nB line\nC line") == "A line\n" + "B line\n" * (LOOP_REPEATS + 1)
+    assert looping_response("Too short. Two.") is None
+    pairs = [p for p in make_pairs(traces, rules, seed=0) if p.kind == "looping"]
+    assert pairs and {t.label for t in traces if f"{t.id}-looping" in {p.id for p in pairs}} <= {"benign", "borderline"}
+    for p in pairs[:10]:
+        assert p.step_index == 4 and p.chosen_final and not p.rejected_final
+        cut = looping_response(p.chosen).rstrip()
+        assert p.rejected == cut
+        enc = encode_pair(ct, p)
+        ids, mask = enc["rejected_ids"], enc["rejected_mask"].astype(bool)
+        assert smollm2_tokenizer.decode(ids[mask]) == p.rejected  # no <|im_end|>: the loop never ended
+        assert smollm2_tokenizer.decode(enc["chosen_ids"][enc["chosen_mask"].astype(bool)]).endswith("<|im_end|>")
 
 
 def test_pair_spans_context_and_eos(traces, rules, ct, smollm2_tokenizer):

@@ -6,13 +6,15 @@ steps carry no end-of-turn token; only a final response does.
 
 `make_pairs` builds pairs from valid traces by corrupting one step in a controlled way
 (wrong rule, wrong decision, over-refusal of a benign prompt, a padded verbose step, an
-unsafe opening of the response), so preference training runs without a teacher.
+unsafe opening of the response, a response that falls into repeating itself), so preference
+training runs without a teacher.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -161,6 +163,35 @@ VERBOSE_FILLER = (
 )
 
 
+# The degenerate continuation greedy decoding falls into (Holtzman et al. 2020, "The Curious Case of
+# Neural Text Degeneration"; the demo's aligned model looped on a third of benign prompts): the
+# response up to the end of its middle sentence or line, then that sentence again LOOP_REPEATS times,
+# without an end of turn. The pair shares the text before the loop, so its margin is the choice
+# between going on (and ending) and repeating, which is what unlikelihood training targets
+# (Welleck et al. 2020) in preference form.
+LOOP_REPEATS = 4
+UNENDED_KINDS = ("looping",)  # corruptions whose rejected response has no end of turn
+_SENTENCE_END = re.compile(r"(?<=[.!?])[ \t]+|\n+")
+
+
+def looping_response(response: str, repeats: int = LOOP_REPEATS) -> str | None:
+    """`response` cut after its middle sentence, which then repeats `repeats` more times; None
+    for a response of fewer than three sentences (nothing before and after the loop)."""
+    starts, ends = [0], []
+    for m in _SENTENCE_END.finditer(response):
+        ends.append(m.end())
+        starts.append(m.end())
+    ends.append(len(response))
+    spans = [(a, b) for a, b in zip(starts, ends) if response[a:b].strip()]
+    if len(spans) < 3:
+        return None
+    a, b = spans[len(spans) // 2]
+    unit = response[a:b]
+    if not unit[-1].isspace():  # the last sentence has no separator after it: give it one
+        unit += " "
+    return response[:a] + unit * (repeats + 1)
+
+
 def _with_step(trace: Trace, **changes: Any) -> Trace:
     steps = dict(trace.steps)
     for k in ("initial_assessment", "rule_verification", "path_calibration"):
@@ -216,6 +247,8 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
         out.append(
             ("over_refusal", 3, _with_step(trace, decision="refuse", path_calibration=refusal, response=refusal))
         )
+    if trace.label in ("benign", "borderline") and (loop := looping_response(trace.response)) is not None:
+        out.append(("looping", 4, dataclasses.replace(trace, response=loop)))
     k = rng.choice((1, 2, 3))
     key = ("initial_assessment", "rule_verification", "path_calibration")[k - 1]
     padded = " ".join([trace.steps[key]] + rng.sample(VERBOSE_FILLER, 3) + [trace.steps[key]])
@@ -241,5 +274,6 @@ def make_pairs(
                 c, r, final = good[k - 1], bad[k - 1], k == 4
             else:
                 c, r, final = "".join(good[k - 1 :]), "".join(bad[k - 1 :]), True
-            pairs.append(StepPair(f"{t.id}-{kind}", t.prompt, tuple(good[: k - 1]), k, c, r, final, final, kind))
+            ended = final and kind not in UNENDED_KINDS  # a loop is cut off, never ended
+            pairs.append(StepPair(f"{t.id}-{kind}", t.prompt, tuple(good[: k - 1]), k, c, r, final, ended, kind))
     return pairs
