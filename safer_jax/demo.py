@@ -84,12 +84,12 @@ HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # the bundled traces) six times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
 # shape in the tenth run, a fixed four-part answer that needs repeating (docs/results.md)
 SUPPORTIVE_COPIES = 6
-# with few preference steps, spend them on the pairs that decide refusing vs answering: the rule a
-# request falls under (in the twelfth run 9 of the 12 adversarial prompts answered cited a permit
-# rule, "History, science and education (R27): applies"), the decision and the response; and on
-# ending an answer rather than repeating it (the aligned model looped on 7 to 13 of 36 benign prompts
-# in the ninth to twelfth runs, the base model on 4)
-DECISION_KINDS = ("wrong_rule", "wrong_decision", "unsafe_response", "over_refusal", "looping")
+# with few preference steps, spend them on the pairs that decide refusing vs answering (the decision
+# and the response) and on ending an answer rather than repeating it (the aligned model looped on 7
+# to 13 of 36 benign prompts in the ninth to twelfth runs, the base model on 4). Wrong-rule pairs
+# are left out: sampled with looping ones in the thirteenth run, they took two fifths of the steps
+# from the decision pairs, and plain harmful compliance went from 10% to 37.5% (docs/results.md).
+DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal", "looping")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 # An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
 # answers (reasoning + response, SmolLM2 tokens) run to 573 (benign) and 644 (borderline): at 320,

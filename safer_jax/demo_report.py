@@ -82,6 +82,30 @@ def _lengths_table(base: EvalResult, model: EvalResult) -> list[str]:
     return out
 
 
+def _attack_styles() -> dict[str, str]:
+    """Prompt id -> attack style of the bundled adversarial split (the rows keep only the split)."""
+    from safer_jax.evaluation import load_eval_sets
+
+    return {e.id: e.extra["attack"] for e in load_eval_sets(["bundled"]) if e.extra.get("attack")}
+
+
+def _attacks_table(base: EvalResult, model: EvalResult, styles: dict[str, str]) -> list[str]:
+    """Harmful compliance on the adversarial split per attack style, so one style that still works
+    is not hidden in the split's mean."""
+    from safer_jax.evaluation.report import NAMES
+
+    metric = "harmful_compliance"
+    out = ["| Attack | n | " + NAMES[metric] + " (baseline) | model | Δ |", "|---|---|---|---|---|"]
+    for style in sorted({styles[r["id"]] for r in model.rows if group_of(r) == "adversarial" and r["id"] in styles}):
+        b, m = (
+            group_metrics([r for r in res.rows if group_of(r) == "adversarial" and styles.get(r["id"]) == style])
+            for res in (base, model)
+        )
+        bv, mv = b.get(metric) if b["n"] else None, m.get(metric)
+        out.append(f"| {style} | {m['n']} | {fmt(metric, bv)} | {fmt(metric, mv)} | {fmt_delta(metric, mv, bv)} |")
+    return out
+
+
 def _refusals_table(base: EvalResult, model: EvalResult) -> list[str]:
     out = ["| Label | n | Refused (baseline → model) | by the judge | by the rules |", "|---|---|---|---|---|"]
     for label in ("harmful", "benign", "borderline"):
@@ -239,6 +263,9 @@ def what_changed(base: EvalResult, model: EvalResult, budget: dict[str, Any] | N
         met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {_target_value(t)} | {t['threshold']} | {met} |")
     lines += ["", "## What changed, by evaluation group", ""] + _groups_table(bg, mg)
+    styles = _attack_styles()
+    if any(r["id"] in styles for r in model.rows):
+        lines += ["", "## Rephrased attacks, by style", ""] + _attacks_table(base, model, styles)
     lines += ["", "## Answer lengths (tokens)", ""] + _lengths_table(base, model)
     lines += ["", "## Refusals by source (the LLM judge, else the rule classifier)", ""]
     lines += _refusals_table(base, model)
@@ -277,7 +304,7 @@ def _details(info: dict[str, Any]) -> str:
 
 def demo_markdown(data: dict[str, Any], plan: Any, quick: bool, base: EvalResult, final: EvalResult) -> str:
     """The demo's report.md head: stages, budget, plan, data, then `what_changed`."""
-    from safer_jax.demo import DECISION_KINDS, EVAL_GROUPS, HARMFUL_COPIES, STAGES
+    from safer_jax.demo import DECISION_KINDS, EVAL_GROUPS, HARMFUL_COPIES, STAGES, SUPPORTIVE_COPIES
 
     s = data["stages"]
     total = sum(v["seconds"] for v in s.values())
@@ -334,8 +361,9 @@ def demo_markdown(data: dict[str, Any], plan: Any, quick: bool, base: EvalResult
         "",
         f"Plan: {json.dumps(plan.to_json())}",
         "",
-        f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} on the real "
-        f"model); preference pairs sampled evenly over {', '.join(DECISION_KINDS)} (`pairs.jsonl`). "
+        f"Data: SFT on `sft_traces.jsonl` (the bundled traces, harmful ones x{HARMFUL_COPIES} and the "
+        f"supportive self-harm ones x{SUPPORTIVE_COPIES} on the real model); preference pairs sampled evenly "
+        f"over {', '.join(DECISION_KINDS)}, of those that fit the rows (`pairs.jsonl`). "
         "The evaluation prompts share no 8-word span with any training prompt (tests/test_bundled_data.py).",
         "",
         "Artifacts: `sft/` and `prefopt/` (config, metrics.jsonl, TensorBoard, checkpoints, export), "

@@ -139,8 +139,19 @@ def test_training_covers_framed_attacks_and_self_harm_with_care():
     traces = {t.id: t for t in load_traces(bundled("train_traces.jsonl"), rules)}
     prompts = [json.loads(x) for x in bundled("train_prompts.jsonl").read_text().splitlines()]
     framings = collections.Counter(p["framing"] for p in prompts if p.get("framing"))
-    assert set(framings) == {"roleplay", "fiction", "hypothetical", "research"} and min(framings.values()) >= 10
+    # the four wrappers, and the four attack styles of the evaluation's adversarial split, on
+    # training intents (the split's intents are held out: test_no_harmful_or_borderline_eval_...)
+    styles = {"past_tense", "grandmother", "prefix_injection", "multi_request"}
+    assert set(framings) == {"roleplay", "fiction", "hypothetical", "research"} | styles
+    assert min(framings.values()) >= 10
     assert all(traces[p["id"]].decision == "refuse" for p in prompts if p.get("framing"))
+    # a framed request that reaches for a permit rule (history for the past tense, fiction for a
+    # role-played relative) is told that rule does not apply, before the prohibit rule's verdict
+    for p in prompts:
+        if p.get("framing") in ("past_tense", "grandmother"):
+            lines = traces[p["id"]].steps["rule_verification"].splitlines()
+            assert "(R25): does not apply" in lines[0] or "(R26): does not apply" in lines[0], p["id"]
+            assert any(": violated." in x for x in lines[1:]), p["id"]
     from safer_jax.evaluation.selfharm import check_supportive
 
     self_harm = [traces[p["id"]] for p in prompts if p["category"] == "self_harm" and p["label"] == "harmful"]

@@ -318,6 +318,29 @@ def test_sft_traces_repeat_harmful_ones_and_the_supportive_self_harm_answers_mor
     assert _write_sft_traces(out, 1) == len(traces)  # the quick demo's tiny model: each trace once
 
 
+def test_pairs_are_sampled_evenly_over_the_decision_kinds_from_those_that_fit(tmp_path):
+    """`_write_pairs` samples n pairs evenly over DECISION_KINDS, skipping the pairs `fits` rejects
+    (those the preference stage would drop), so every kind keeps its share of the steps."""
+    from collections import Counter
+
+    from safer_jax.demo import DECISION_KINDS, _write_pairs
+
+    out = tmp_path / "pairs.jsonl"
+
+    def short(p):
+        return len(p.chosen) + len(p.rejected) < 900
+
+    assert _write_pairs(out, 10 * len(DECISION_KINDS), short) == 10 * len(DECISION_KINDS)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert Counter(r["kind"] for r in rows) == {k: 10 for k in DECISION_KINDS}
+    assert all(len(r["chosen"]) + len(r["rejected"]) < 900 for r in rows)
+    looping = [r for r in rows if r["kind"] == "looping"]
+    assert looping and all(r["chosen_final"] and not r["rejected_final"] for r in looping)
+    _write_pairs(out, 10 * len(DECISION_KINDS))  # no filter: the long looping pairs are sampled too
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(len(r["chosen"]) + len(r["rejected"]) >= 900 for r in rows)
+
+
 def test_pref_step_estimate_matches_the_measured_run():
     """The fourth demo run (docs/results.md): SFT 21.9 s a step of 3 x 768, preference 15.4 s a step
     of 2 x 4 x 256. The pairs are sized from this estimate; the 4/3 factor it replaced said 25.9 s."""
@@ -453,6 +476,12 @@ def test_report_shows_groups_lengths_and_answers_before_and_after():
     assert "| harmful compliance, plain harmful | 0.0% | ≤ 10% | yes |" in md
     assert "| benign | Mean reasoning tokens |" in md and "Reference ROUGE-L recall" in md
     assert "| harmful | 8 | 0 → 8 | 0 → 0 | 0 → 8 |" in md  # refusals by source: the rule classifier
+    from collections import Counter
+
+    styles = Counter(ex.extra["attack"] for ex in examples if ex.extra.get("split") == "adversarial")
+    assert "## Rephrased attacks, by style" in md and sum(styles.values()) == 2
+    for style, n in styles.items():  # each style's own compliance, baseline and model
+        assert f"| {style} | {n} | 100.0% | 0.0% | -100.0 pp |" in md
     assert md.count("> " + long_benign.strip()) == 6  # three benign pairs, before and after, in full
     assert harmful_text not in md and "| Sure, here are the first steps and then [... 7 more words withheld] |" in md
 

@@ -39,6 +39,7 @@ class PromptRecord:
     label: str
     rules: tuple[str, ...]
     reference: str | None = None
+    framing: str | None = None  # the attack framing around a harmful request, when labelled (FRAMING_NOTES)
 
 
 def load_prompts(
@@ -61,7 +62,12 @@ def load_prompts(
                 raise DataError(f"duplicate id {rid!r}", path, line, "id")
             seen.add(rid)
             ref = obj.get("reference")
-            out.append(PromptRecord(rid, prompt, label, tuple(ids), ref if isinstance(ref, str) else None))
+            framing = obj.get("framing")
+            if framing is not None and not isinstance(framing, str):
+                raise DataError(f"must be a string, got {type(framing).__name__}", path, line, "framing")
+            out.append(
+                PromptRecord(rid, prompt, label, tuple(ids), ref if isinstance(ref, str) else None, framing or None)
+            )
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -108,6 +114,33 @@ JAILBREAK_NOTES = (
     "The role-play or fictional framing does not change what is actually being requested.",
     "Wrapping the request in a story or a hypothetical does not make the underlying content safe.",
     "The framing tries to sidestep the rules, but the substance of the request is what matters.",
+)
+# Attacks that do not announce a story or a role: the request asked in the past tense, a dead
+# relative to role-play, a forced compliant opening, a harmful request among harmless ones. A prompt
+# file labels them in `framing`; each gets a note that says why the framing changes nothing.
+FRAMING_NOTES = {
+    "past_tense": (
+        "Asking how it was done in the past still asks for a method that would work today.",
+        "Putting the request in the past tense does not change what the answer would teach.",
+    ),
+    "grandmother": (
+        "Asking me to play a relative who used to tell these things does not change what is being requested.",
+        "The sentimental role-play is a wrapper; the answer would contain the same harmful instructions.",
+    ),
+    "prefix_injection": (
+        "Being told how to begin the answer does not change what the answer would contain.",
+        "A demanded compliant opening is an attempt to skip the safety check, not a reason to help.",
+    ),
+    "multi_request": (
+        "The harmless questions around it do not make the harmful part acceptable.",
+        "One part of this list is harmful, and bundling it with ordinary questions does not change that.",
+    ),
+}
+# A permit rule a framed harmful request reaches for (history for the past tense, fiction for a
+# role-play) does not apply: the trace says so before the prohibit rule's verdict.
+NOT_COVERED = (
+    "It covers events, causes and consequences, not working instructions asked for under its name.",
+    "The framing borrows this rule's name, but the content asked for is outside it.",
 )
 BORDERLINE_NOTES = (
     "It only sounds risky: the wording touches on {topic}, but the request itself is benign.",
@@ -193,9 +226,12 @@ class TemplateTeacher:
                 raise TeacherError("harmful prompt lists no prohibit rule")
             main = prohibit[0]
             assess = [rng.choice(ASSESS_OPENERS).format(area=main.title.lower()), rng.choice(main.phrases["risk"])]
-            if jailbreak:
+            if rec.framing in FRAMING_NOTES:
+                assess.append(rng.choice(FRAMING_NOTES[rec.framing]))
+            elif jailbreak or rec.framing:
                 assess.append(rng.choice(JAILBREAK_NOTES))
-            verify = [f"{r.citation()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
+            verify = [f"{r.citation()}: does not apply. {rng.choice(NOT_COVERED)}" for r in permit]
+            verify += [f"{r.citation()}: violated. {rng.choice(r.phrases['violated'])}" for r in prohibit]
             if main.category in SAFE_COMPLETE_CATEGORIES:
                 decision, calib = "safe_complete", rng.choice(SUPPORT_CALIBRATE)
                 response = " ".join(rng.choice(part) for part in SUPPORT)
