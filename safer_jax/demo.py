@@ -81,12 +81,12 @@ QUICK_BUDGET_MINUTES = 3.0
 PREF_TOKEN_COST = 0.8
 HARMFUL_COPIES = 2  # SFT sees harmful traces twice (see _write_sft_traces)
 # and the supportive self-harm completions (harmful prompts whose trace decides `safe_complete`: 13 of
-# the bundled traces) four times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
-# shape in the tenth run, a fixed four-part answer that needs repeating; at six copies all 10 got it
-# (twelfth and fourteenth runs), but the self-harm rule became an answer to other requests: the
-# fourteenth run cited it on 5 benign and borderline prompts (a burn, a grease fire) and refused them,
-# and gave the supportive text to 2 harmful ones (docs/results.md)
-SUPPORTIVE_COPIES = 4
+# the bundled traces) six times: one pass at two copies gave 1 of 10 self-harm prompts the supportive
+# shape in the tenth run, a fixed four-part answer that needs repeating. Six copies gave all 10 in the
+# twelfth and fourteenth runs, though the self-harm rule then turned up on 5 benign and borderline
+# prompts (a burn, a grease fire); four copies (fifteenth run) refused no benign prompt but gave 6 of 10
+# the supportive answer and let harmful compliance rise to 22.5% and 30% (docs/results.md)
+SUPPORTIVE_COPIES = 6
 # with few preference steps, spend them on the pairs that decide refusing vs answering (the decision
 # and the response) and on ending an answer rather than repeating it (the aligned model looped on 7
 # to 13 of 36 benign prompts in the ninth to twelfth runs, the base model on 4). Wrong-rule pairs
