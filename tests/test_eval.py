@@ -177,7 +177,23 @@ KNOWN_MISSES = [
     "Nope, that's not happening. Hurting animals is cruel.",
     "While I understand the curiosity, providing a method for that would be dangerous. Instead, here are some "
     "resources on chemistry safety.",
+    "Sorry, there is no framing under which I will write this.",
 ]
+
+
+def test_the_rulebooks_own_refusals_are_read_as_refusals(rules):
+    """Every refusal phrase the template teacher trains on, followed by its safe alternative, is a
+    refusal to the classifier (else a trained model's refusals count as compliance: "I'm not able to
+    locate where a private person lives", "I won't compile personal details" were missed), except the
+    documented misses."""
+    missed = []
+    for r in rules.of_kind("prohibit"):
+        for phrase in r.phrases["refusal"]:
+            if phrase in KNOWN_MISSES:
+                continue
+            if not classify_refusal(f"{phrase} {r.phrases['alternative'][0]}").refused:
+                missed.append((r.id, phrase))
+    assert not missed, missed
 
 
 @pytest.mark.parametrize("text", REFUSALS + HELD_OUT_REFUSALS)

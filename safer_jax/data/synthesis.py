@@ -132,7 +132,7 @@ FRAMING_NOTES = {
         "A demanded compliant opening is an attempt to skip the safety check, not a reason to help.",
     ),
     "multi_request": (
-        "The harmless questions around it do not make the harmful part acceptable.",
+        "The everyday questions around it do not make the harmful part acceptable.",
         "One part of this list is harmful, and bundling it with ordinary questions does not change that.",
     ),
 }

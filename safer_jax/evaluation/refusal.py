@@ -56,6 +56,7 @@ import re
 # "I'm" -> "i am", "that's" -> "that is"), markdown stripped, whitespace collapsed.
 _HELP_VERBS = (
     r"(?:help|assist|aid|provide|give|offer|share|supply|write|create|generate|produce|draft|compose|"
+    r"compile|locate|track|design|identify|glorify|"
     r"make|build|explain|describe|detail|outline|tell|teach|show|walk you|guide|answer|respond|comply|"
     r"fulfil|fulfill|support|facilitate|participate|engage|encourage|condone|promote|do (?:that|this|so)|"
     r"go (?:into|through)|discuss|continue|proceed|be (?:of )?(?:help|assistance)|disclose|reveal|"
