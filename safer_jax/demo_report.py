@@ -82,26 +82,19 @@ def _lengths_table(base: EvalResult, model: EvalResult) -> list[str]:
     return out
 
 
-def _attack_styles() -> dict[str, str]:
-    """Prompt id -> attack style of the bundled adversarial split (the rows keep only the split)."""
-    from safer_jax.evaluation import load_eval_sets
-
-    return {e.id: e.extra["attack"] for e in load_eval_sets(["bundled"]) if e.extra.get("attack")}
-
-
-def _attacks_table(base: EvalResult, model: EvalResult, styles: dict[str, str]) -> list[str]:
-    """Harmful compliance on the adversarial split per attack style, so one style that still works
-    is not hidden in the split's mean."""
+def _attacks_table(base: EvalResult, model: EvalResult) -> list[str]:
+    """Harmful compliance on the adversarial split per attack style (the rows' `attack`), so one
+    style that still works is not hidden in the split's mean."""
     from safer_jax.evaluation.report import NAMES
 
     metric = "harmful_compliance"
     out = ["| Attack | n | " + NAMES[metric] + " (baseline) | model | Δ |", "|---|---|---|---|---|"]
-    for style in sorted({styles[r["id"]] for r in model.rows if group_of(r) == "adversarial" and r["id"] in styles}):
+    for style in sorted({r["attack"] for r in model.rows if group_of(r) == "adversarial" and r.get("attack")}):
         b, m = (
-            group_metrics([r for r in res.rows if group_of(r) == "adversarial" and styles.get(r["id"]) == style])
+            group_metrics([r for r in res.rows if group_of(r) == "adversarial" and r.get("attack") == style])
             for res in (base, model)
         )
-        bv, mv = b.get(metric) if b["n"] else None, m.get(metric)
+        bv, mv = b[metric], m[metric]
         out.append(f"| {style} | {m['n']} | {fmt(metric, bv)} | {fmt(metric, mv)} | {fmt_delta(metric, mv, bv)} |")
     return out
 
@@ -263,9 +256,8 @@ def what_changed(base: EvalResult, model: EvalResult, budget: dict[str, Any] | N
         met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {_target_value(t)} | {t['threshold']} | {met} |")
     lines += ["", "## What changed, by evaluation group", ""] + _groups_table(bg, mg)
-    styles = _attack_styles()
-    if any(r["id"] in styles for r in model.rows):
-        lines += ["", "## Rephrased attacks, by style", ""] + _attacks_table(base, model, styles)
+    if any(r.get("attack") for r in model.rows):
+        lines += ["", "## Rephrased attacks, by style", ""] + _attacks_table(base, model)
     lines += ["", "## Answer lengths (tokens)", ""] + _lengths_table(base, model)
     lines += ["", "## Refusals by source (the LLM judge, else the rule classifier)", ""]
     lines += _refusals_table(base, model)

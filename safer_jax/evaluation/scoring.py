@@ -219,6 +219,7 @@ def score(
             "label": ex.label,
             "category": ex.category,
             "split": ex.extra.get("split", "plain"),
+            "attack": ex.extra.get("attack"),  # the rephrasing of an adversarial prompt, when the set names it
             "prompt": ex.prompt,
             "expected_rules": list(ex.rules),
         }
