@@ -64,11 +64,14 @@ RESERVE_S = {"smollm2": 60.0, "tiny": 10.0}  # pairs, report and slack at the en
 FINAL_LOAD_S = {"smollm2": 20.0, "tiny": 5.0}  # loading the aligned model (a HF folder, not the GGUF file)
 REPORT_S = {"smollm2": 30.0, "tiny": 5.0}  # the report after the final evaluation (its deadline keeps this)
 # Pricing the final evaluation before the aligned model exists (`_final_reserve`): the share of its
-# answers taken to run to the token limit (unfinished answers: 16.7% after 17 SFT steps in the fourth
-# run, 47% of benign ones after 12 in the sixth; docs/results.md), and the part of a decode step's
-# time that does not shrink with the batch rows, in rows (`StepCost`; measured on this CPU from 8 to
-# 128 rows, docs/benchmarks.md).
-LOOP_SHARE = 0.25
+# answers taken to run to the token limit, and the part of a decode step's time that does not shrink
+# with the batch rows, in rows (`StepCost`; measured on this CPU from 8 to 128 rows,
+# docs/benchmarks.md). The share was 0.25 while the aligned model looped (16.7% of answers unfinished
+# after 17 SFT steps in the fourth run, 30% in the ninth); since the looping pairs, 1 to 6% of each
+# label runs to the limit (fourteenth to sixteenth runs), and a quarter reserved 2.3 to 3.4 min that
+# the final evaluation did not use (6.3 min against 9.7, 6.6 against 8.9; docs/results.md). The
+# deadline still stops the evaluation in time should the model loop more.
+LOOP_SHARE = 0.10
 DECODE_FIXED_ROWS = 16.0
 # The final evaluation's decode ran longer than its price in each of the ninth to eleventh runs (552.7 s
 # against 517.1, 517.7 against 442.3, 545.8 against 489.5: 7-17%; the tenth was cut by its deadline),
