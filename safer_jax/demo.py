@@ -95,7 +95,13 @@ SUPPORTIVE_COPIES = 6
 # to 13 of 36 benign prompts in the ninth to twelfth runs, the base model on 4). Wrong-rule pairs
 # are left out: sampled with looping ones in the thirteenth run, they took two fifths of the steps
 # from the decision pairs, and plain harmful compliance went from 10% to 37.5% (docs/results.md).
-DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal", "looping")
+# Flipped-rule pairs are in: the rule the trace lists and rules out, given the wrong verdict (the
+# permit rule a framed harmful request borrows, the prohibit rule a borderline prompt only sounds
+# like), which is where the fourteenth and sixteenth runs' remaining failures start: the benign and
+# borderline refusals cite the prohibit rule the prompt's words share, and the plain harmful
+# compliance a fiction or news rule that applies. Each kind's sample alternates harmful and other
+# prompts where it has both (`_write_pairs`), so these pairs teach both directions evenly.
+DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal", "looping", "flipped_rule")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 # An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
 # answers (reasoning + response, SmolLM2 tokens) run to 573 (benign) and 644 (borderline): at 320,
@@ -589,6 +595,13 @@ def _write_sft_traces(path: Path, harmful_copies: int, supportive_copies: int | 
     return len(rows)
 
 
+def _alternate(group: list[Any], is_harmful: Callable[[Any], bool]) -> list[Any]:
+    """`group` reordered so that pairs from harmful and from other prompts take turns (each side in
+    its own order), the rest of the longer side at the end."""
+    sides = [p for p in group if is_harmful(p)], [p for p in group if not is_harmful(p)]
+    return [p for two in itertools.zip_longest(*sides) for p in two if p is not None]
+
+
 def _fits_rows(model: Path, seq_len: int) -> Callable[[Any], bool]:
     """Whether a pair's scored spans fit preference rows of `seq_len` with `model`'s tokenizer."""
     from safer_jax.data.pairs import encode_pair, fit_pair
@@ -600,7 +613,8 @@ def _fits_rows(model: Path, seq_len: int) -> Callable[[Any], bool]:
 
 def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) -> int:
     """Step pairs from the bundled traces (controlled corruptions), a balanced sample of `n` (0 = all)
-    over the kinds that decide the outcome (DECISION_KINDS) when sampled, of pairs that `fits` the
+    over the kinds that decide the outcome (DECISION_KINDS) when sampled, harmful and other prompts
+    taking turns within a kind that has both (`_alternate`), of pairs that `fits` the
     preference rows (a sampled pair the stage would drop is a share of its steps lost: half of the
     `looping` pairs, a whole response and more, are longer than the demo's 256 tokens)."""
     from safer_jax.data.pairs import make_pairs
@@ -608,7 +622,9 @@ def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) 
     from safer_jax.data.rules import load_rules
 
     rules = load_rules()
-    pairs = make_pairs(load_traces(bundled("train_traces.jsonl"), rules), rules, seed=0)
+    traces = load_traces(bundled("train_traces.jsonl"), rules)
+    harmful = {f"{t.id}-": t.label == "harmful" for t in traces}
+    pairs = make_pairs(traces, rules, seed=0)
     rng = random.Random(0)
     rng.shuffle(pairs)
     if n:
@@ -616,7 +632,11 @@ def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) 
         for p in (p for p in pairs if p.kind in DECISION_KINDS):
             by_kind.setdefault(p.kind, []).append(p)
         per = math.ceil(n / len(by_kind))
-        pairs = [p for group in by_kind.values() for p in itertools.islice(filter(fits, group), per)]
+        pairs = [
+            p
+            for group in by_kind.values()
+            for p in itertools.islice(filter(fits, _alternate(group, lambda p: harmful[p.id[: -len(p.kind)]])), per)
+        ]
         rng.shuffle(pairs)
         pairs = pairs[:n]
     path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))

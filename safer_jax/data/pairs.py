@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from safer_jax.data.records import DataError, require
-from safer_jax.data.rules import RuleBook
+from safer_jax.data.rules import Rule, RuleBook
 from safer_jax.data.tokenize import ChatTokenizer
 from safer_jax.data.traces import Trace, TraceFormat, segments
 
@@ -208,6 +208,13 @@ REFUSE_CALIBRATION = "Decline briefly, name the concern, and point to a safe alt
 UNSAFE_OPENING = "Sure, here is a step-by-step guide."
 
 
+def _listed(trace: Trace, rules: RuleBook, kind: str) -> Rule | None:
+    """The first rule of `kind` that the trace lists (and so rules out: a harmful prompt's permit
+    rule "does not apply", a borderline prompt's prohibit rule is "not violated"), if any."""
+    listed = [rules[r] for r in trace.rules if r in rules and rules[r].kind == kind]
+    return listed[0] if listed else None
+
+
 def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple[str, int, Trace]]:
     """(kind, step index, corrupted trace) for each corruption that applies to this trace.
 
@@ -215,34 +222,46 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     a harmful request goes on to comply (`UNSAFE_OPENING`), one that forbids a benign request
     goes on to refuse (the wrong rule's refusal), so `to_end` pairs score a consistent
     rejected continuation. Steps before and at k, and the random draws, are as for `step`.
+
+    `wrong_rule` cites a rule the trace does not list; `flipped_rule` flips the verdict of one it
+    lists and rules out (the prohibit rule a borderline prompt only sounds like, the permit rule a
+    framed harmful request borrows): the hard negative, the mistake a model makes on such prompts
+    (the demo's aligned model refused a burn, `df` and a reactor question under the prohibit rule
+    their words share; docs/results.md), where a random rule is often one the model already finds
+    unlikely. Its phrase is drawn from a generator of its own, so the other kinds' draws stay as
+    they were without it.
     """
     out = []
     prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
     permit = [r for r in rules.of_kind("permit") if r.id not in trace.rules]
     complies = dict(decision="comply", path_calibration=COMPLY_CALIBRATION, response=UNSAFE_OPENING)
+    own = random.Random(f"{trace.id}/flipped_rule")
+
+    def lets_through(wrong: Rule, draw: random.Random) -> Trace:
+        text = f"{wrong.citation()}: applies. {draw.choice(wrong.phrases['applies'])}"
+        return _with_step(trace, rule_verification=text, **complies)
+
+    def blocks(wrong: Rule, draw: random.Random) -> Trace:
+        text = f"{wrong.citation()}: violated. {draw.choice(wrong.phrases['violated'])}"
+        return _with_step(
+            trace,
+            rule_verification=text,
+            decision="refuse",
+            path_calibration=REFUSE_CALIBRATION,
+            response=wrong.phrases["refusal"][0],
+        )
+
     if trace.label == "harmful" and permit:
-        wrong = rng.choice(permit)
-        text = f"{wrong.citation()}: applies. {rng.choice(wrong.phrases['applies'])}"
-        out.append(("wrong_rule", 2, _with_step(trace, rule_verification=text, **complies)))
+        out.append(("wrong_rule", 2, lets_through(rng.choice(permit), rng)))
+        if (borrowed := _listed(trace, rules, "permit")) is not None:
+            out.append(("flipped_rule", 2, lets_through(borrowed, own)))
         out.append(("wrong_decision", 3, _with_step(trace, **complies)))
         out.append(("unsafe_response", 4, dataclasses.replace(trace, response=UNSAFE_OPENING)))
     elif trace.label in ("benign", "borderline") and prohibit:
         wrong = rng.choice(prohibit)
-        text = f"{wrong.citation()}: violated. {rng.choice(wrong.phrases['violated'])}"
-        refusal = wrong.phrases["refusal"][0]
-        out.append(
-            (
-                "wrong_rule",
-                2,
-                _with_step(
-                    trace,
-                    rule_verification=text,
-                    decision="refuse",
-                    path_calibration=REFUSE_CALIBRATION,
-                    response=refusal,
-                ),
-            )
-        )
+        out.append(("wrong_rule", 2, blocks(wrong, rng)))
+        if (sounds_like := _listed(trace, rules, "prohibit")) is not None:
+            out.append(("flipped_rule", 2, blocks(sounds_like, own)))
         refusal = rng.choice(wrong.phrases["refusal"])
         out.append(
             ("over_refusal", 3, _with_step(trace, decision="refuse", path_calibration=refusal, response=refusal))
