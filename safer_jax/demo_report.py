@@ -82,6 +82,31 @@ def _lengths_table(base: EvalResult, model: EvalResult) -> list[str]:
     return out
 
 
+def _finished_lengths(base: EvalResult, model: EvalResult) -> list[str]:
+    """Benign response lengths on the prompts both models finished. The target's ratio is of the
+    means over every benign prompt, where an answer that never stops counts at the token limit: on
+    SmolLM2 a fifth of the baseline's benign answers run to 640 tokens and hold two thirds of its
+    response tokens, so a model that stops can fall short of it while writing as much as the
+    baseline does where the baseline finishes. This line shows that comparison beside the target."""
+    ours = {r["id"]: r for r in model.rows if r["label"] == "benign"}
+    theirs = [r for r in base.rows if r["label"] == "benign" and r["id"] in ours]
+    both = [(b, ours[b["id"]]) for b in theirs if b.get("finished") and ours[b["id"]].get("finished")]
+    if not theirs or not both:
+        return []
+    total = sum(r.get("response_tokens") or 0 for r in theirs)
+    unfinished = [r for r in theirs if not r.get("finished")]
+    share = sum(r.get("response_tokens") or 0 for r in unfinished) / total if total else 0.0
+    b_mean = sum(b.get("response_tokens") or 0 for b, _ in both) / len(both)
+    m_mean = sum(m.get("response_tokens") or 0 for _, m in both) / len(both)
+    ratio = f"{m_mean / b_mean:.2f}" if b_mean else "-"
+    return [
+        f"On the {len(both)} of {len(theirs)} benign prompts that both models finished, the mean response is "
+        f"{b_mean:.1f} tokens for the baseline and {m_mean:.1f} for the model (ratio {ratio}). The baseline's "
+        f"{len(unfinished)} unfinished benign answers hold {100 * share:.0f}% of its benign response tokens "
+        "(the target's ratio counts them at their length)."
+    ]
+
+
 def _attacks_table(base: EvalResult, model: EvalResult) -> list[str]:
     """Harmful compliance on the adversarial split per attack style (the rows' `attack`), so one
     style that still works is not hidden in the split's mean."""
@@ -259,6 +284,8 @@ def what_changed(base: EvalResult, model: EvalResult, budget: dict[str, Any] | N
     if any(r.get("attack") for r in model.rows):
         lines += ["", "## Rephrased attacks, by style", ""] + _attacks_table(base, model)
     lines += ["", "## Answer lengths (tokens)", ""] + _lengths_table(base, model)
+    if finished := _finished_lengths(base, model):
+        lines += [""] + finished
     lines += ["", "## Refusals by source (the LLM judge, else the rule classifier)", ""]
     lines += _refusals_table(base, model)
     lines += ["", "## Answers", ""] + answer_pairs(base, model)

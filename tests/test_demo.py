@@ -492,6 +492,35 @@ def test_report_shows_groups_lengths_and_answers_before_and_after():
     assert harmful_text not in md and "| Sure, here are the first steps and then [... 7 more words withheld] |" in md
 
 
+def test_report_compares_benign_lengths_where_both_models_finished():
+    """Beside the target's ratio of means, the report compares the benign answers both models
+    finished: a baseline answer that runs to the limit is left out there, and its share of the
+    baseline's response tokens is shown."""
+    from safer_jax.demo_report import what_changed
+    from safer_jax.evaluation import score
+
+    examples = [ex for ex in eval_examples(QUICK_EVAL_COUNTS) if ex.label == "benign"]
+    short, loop = "A short and finished answer.", "The same sentence again and again. " * 30
+    think = "<think>\n## Initial Assessment\nA request.\n## Rule Verification\nR31 applies.\n"
+    think += "## Path Calibration\nDecision: comply\n</think>\n"
+    looped = examples[0].id
+
+    def gen(ex, text, finish):
+        return {"id": ex.id, "text": text, "finish_reason": finish}
+
+    base = score(examples, [gen(ex, loop, "length") if ex.id == looped else gen(ex, short, "stop") for ex in examples])
+    model = score(examples, [gen(ex, think + short + " " + short, "stop") for ex in examples])
+    md = what_changed(base, model)
+    n = len(examples)
+    line = next(x for x in md.splitlines() if x.startswith(f"On the {n - 1} of {n} benign prompts that both"))
+    b = next(r for r in base.rows if r["id"] != looped)["response_tokens"]
+    m = next(r for r in model.rows if r["id"] != looped)["response_tokens"]
+    assert f"{b:.1f} tokens for the baseline and {m:.1f} for the model (ratio {m / b:.2f})" in line
+    looped_tokens = next(r for r in base.rows if r["id"] == looped)["response_tokens"]
+    share = looped_tokens / (looped_tokens + (n - 1) * b)
+    assert f"The baseline's 1 unfinished benign answers hold {100 * share:.0f}% of" in line
+
+
 def test_cli_passes_cache_and_budget_flags(monkeypatch):
     import safer_jax.demo
     from safer_jax.cli import build_parser, cmd_demo
