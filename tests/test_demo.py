@@ -337,8 +337,8 @@ def test_pairs_are_sampled_evenly_over_the_decision_kinds_from_those_that_fit(tm
     assert all(len(r["chosen"]) + len(r["rejected"]) < 900 for r in rows)
     looping = [r for r in rows if r["kind"] == "looping"]
     assert looping and all(r["chosen_final"] and not r["rejected_final"] for r in looping)
-    # a kind with pairs from both harmful and other prompts takes them in turns (24 flipped-rule
-    # pairs come from framed harmful prompts, about 110 from borderline ones)
+    # a kind with pairs from both harmful and other prompts takes them in turns (flipped-rule pairs:
+    # 244 from harmful prompts, 110 from borderline ones)
     label = {t["id"]: t["label"] for t in map(json.loads, bundled("train_traces.jsonl").read_text().splitlines())}
     flipped = Counter(label[r["id"].removesuffix("-flipped_rule")] for r in rows if r["kind"] == "flipped_rule")
     assert flipped == {"harmful": 5, "borderline": 5}, flipped

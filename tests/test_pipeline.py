@@ -122,30 +122,46 @@ def test_looping_pairs_prefer_ending_to_repeating(traces, rules, ct, smollm2_tok
 
 def test_flipped_rule_pairs_flip_the_verdict_of_a_rule_the_trace_lists(traces, rules):
     """The hard negative: a borderline trace's rejected step calls its own "not violated" prohibit
-    rule violated, a framed harmful trace's calls its own "does not apply" permit rule applicable;
-    a trace listing no such rule gets none, and `wrong_rule` still cites an unlisted rule."""
+    rule violated; a harmful trace's calls its own violated prohibit rule "not violated", or, when
+    the trace lists a permit rule it rules out (a framed request), that one applicable; a trace
+    listing no such rule (benign) gets none, and `wrong_rule` still cites an unlisted rule."""
+    from collections import Counter
+
     from safer_jax.data.traces import parse
 
     by_id = {t.id: t for t in traces}
     pairs = make_pairs(traces, rules, seed=0)
-    flipped = [p for p in pairs if p.kind == "flipped_rule"]
-    listed = {
-        t.id: [r for r in t.rules if rules[r].kind == ("permit" if t.label == "harmful" else "prohibit")]
-        for t in traces
-    }
-    assert {p.id.removesuffix("-flipped_rule") for p in flipped} == {t.id for t in traces if listed[t.id]}
-    labels = {by_id[p.id.removesuffix("-flipped_rule")].label for p in flipped}
-    assert labels == {"harmful", "borderline"}  # framed harmful prompts and borderline ones
-    for p in flipped:
-        t = by_id[p.id.removesuffix("-flipped_rule")]
-        rule = rules[listed[t.id][0]]
-        want, was = ("applies", "does not apply") if t.label == "harmful" else ("violated", "not violated")
-        assert p.step_index == 2 and p.rejected.count(f"{rule.citation()}: {want}.") == 1, p.rejected
-        assert f"{rule.citation()}: {was}." in p.chosen and f"{rule.citation()}: {want}." not in p.chosen
+    flipped = {p.id.removesuffix("-flipped_rule"): p for p in pairs if p.kind == "flipped_rule"}
+    assert set(flipped) == {t.id for t in traces if t.label in ("harmful", "borderline")}
+    directions = Counter()
+    for tid, p in flipped.items():
+        t = by_id[tid]
+        own = {r: rules[r] for r in t.rules}
+        flips = [
+            (r, was, want)
+            for r, rule in own.items()
+            for was, want in (
+                [("violated", "not violated")] if t.label == "harmful" and rule.kind == "prohibit" else []
+            )
+            + ([("does not apply", "applies")] if t.label == "harmful" and rule.kind == "permit" else [])
+            + ([("not violated", "violated")] if t.label == "borderline" and rule.kind == "prohibit" else [])
+        ]
+        hit = [
+            (r, was, want)
+            for r, was, want in flips
+            if f"{own[r].citation()}: {want}." in p.rejected
+            and f"{own[r].citation()}: {was}." in p.chosen
+            and f"{own[r].citation()}: {want}." not in p.chosen
+        ]
+        assert p.step_index == 2 and len(hit) == 1, (tid, p.rejected)
+        directions[(t.label, hit[0][2])] += 1
+    # both directions on harmful traces, the permit one only where the trace lists a permit rule
+    framed = sum(1 for t in traces if t.label == "harmful" and any(rules[r].kind == "permit" for r in t.rules))
+    assert 0 < directions[("harmful", "applies")] < framed <= 30
+    assert directions[("harmful", "not violated")] > 200 and directions[("borderline", "violated")] > 100
     for p in (p for p in pairs if p.kind == "wrong_rule"):
         cited = parse("".join(p.prefix_steps) + p.rejected)
         assert not set(cited.cited_rules) & set(by_id[p.id.removesuffix("-wrong_rule")].rules), p.id
-    assert len(flipped) >= 100
 
 
 def test_pair_spans_context_and_eos(traces, rules, ct, smollm2_tokenizer):

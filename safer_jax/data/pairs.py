@@ -223,13 +223,16 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     goes on to refuse (the wrong rule's refusal), so `to_end` pairs score a consistent
     rejected continuation. Steps before and at k, and the random draws, are as for `step`.
 
-    `wrong_rule` cites a rule the trace does not list; `flipped_rule` flips the verdict of one it
-    lists and rules out (the prohibit rule a borderline prompt only sounds like, the permit rule a
-    framed harmful request borrows): the hard negative, the mistake a model makes on such prompts
-    (the demo's aligned model refused a burn, `df` and a reactor question under the prohibit rule
-    their words share; docs/results.md), where a random rule is often one the model already finds
-    unlikely. Its phrase is drawn from a generator of its own, so the other kinds' draws stay as
-    they were without it.
+    `wrong_rule` cites a rule the trace does not list; `flipped_rule` gives a rule the trace lists
+    the opposite verdict: the hard negative, the mistake a model makes on such prompts, where a
+    random rule is often one the model already finds unlikely. On a borderline trace its prohibit
+    rule becomes "violated" (the demo's aligned model refused a burn, `df` and a reactor question
+    under the prohibit rule their words share); on a harmful one its prohibit rule becomes "not
+    violated", or, for a framed request, either that or the permit rule it borrows "applies". The
+    two directions belong together: trained on the borderline half alone (the seventeenth demo run),
+    the model learned "not violated" as the verdict of a prohibit rule and wrote it on 14 of the 21
+    harmful prompts it then answered (docs/results.md). Its draws come from a generator of its own,
+    so the other kinds' pairs stay as they were without it.
     """
     out = []
     prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
@@ -239,6 +242,10 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
 
     def lets_through(wrong: Rule, draw: random.Random) -> Trace:
         text = f"{wrong.citation()}: applies. {draw.choice(wrong.phrases['applies'])}"
+        return _with_step(trace, rule_verification=text, **complies)
+
+    def clears(violated: Rule) -> Trace:
+        text = f"{violated.citation()}: not violated. {own.choice(violated.phrases['not_violated'])}"
         return _with_step(trace, rule_verification=text, **complies)
 
     def blocks(wrong: Rule, draw: random.Random) -> Trace:
@@ -253,8 +260,11 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
 
     if trace.label == "harmful" and permit:
         out.append(("wrong_rule", 2, lets_through(rng.choice(permit), rng)))
-        if (borrowed := _listed(trace, rules, "permit")) is not None:
+        borrowed, violated = _listed(trace, rules, "permit"), _listed(trace, rules, "prohibit")
+        if borrowed is not None and (violated is None or own.random() < 0.5):
             out.append(("flipped_rule", 2, lets_through(borrowed, own)))
+        elif violated is not None:
+            out.append(("flipped_rule", 2, clears(violated)))
         out.append(("wrong_decision", 3, _with_step(trace, **complies)))
         out.append(("unsafe_response", 4, dataclasses.replace(trace, response=UNSAFE_OPENING)))
     elif trace.label in ("benign", "borderline") and prohibit:
