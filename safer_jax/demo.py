@@ -95,18 +95,15 @@ SUPPORTIVE_COPIES = 6
 # to 13 of 36 benign prompts in the ninth to twelfth runs, the base model on 4). Wrong-rule pairs
 # are left out: sampled with looping ones in the thirteenth run, they took two fifths of the steps
 # from the decision pairs, and plain harmful compliance went from 10% to 37.5% (docs/results.md).
-# Flipped-rule pairs are in: a rule the trace lists, given the opposite verdict (a borderline
-# prompt's prohibit rule called violated; a harmful prompt's prohibit rule called not violated, or
-# the permit rule a framed request borrows called applicable), which is where the fourteenth and
-# sixteenth runs' failures start: the benign and borderline refusals cite the prohibit rule the
-# prompt's words share, the plain harmful compliance a fiction or news rule. With the borderline
-# direction alone (the seventeenth run) benign and borderline refusals fell to 1 each, and the model
-# called the prohibit rule "not violated" on 14 of the 21 harmful prompts it answered. Each kind's
-# sample alternates harmful and other prompts where it has both (`_write_pairs`). Over-refusal pairs
-# (a refusing decision after a permit rule that applies) are left out for them: the refusals
-# begin at the rule, and with five kinds the looping pairs had a fifth of the steps (9 of 36 benign
-# answers looped in the seventeenth run, 0 to 2 in the fourteenth to sixteenth with a quarter).
-DECISION_KINDS = ("wrong_decision", "unsafe_response", "looping", "flipped_rule")
+# Flipped-rule pairs (a rule the trace lists, given the opposite verdict) are left out too. Sampled
+# with the borderline direction alone as a fifth kind (the seventeenth run), they cut benign and
+# borderline refusals to 1 each, and the model then called the prohibit rule "not violated" on 14 of
+# the 21 harmful prompts it answered (plain harmful compliance 30%); in both directions, in place of
+# the over-refusal pairs (the eighteenth), plain harmful compliance was 15% and 7 of 14 borderline
+# prompts were refused. Each moved the balance between refusing and answering, neither met more of
+# the targets than these four kinds (7 of 11 in the fourteenth and sixteenth runs; docs/results.md).
+# Each kind's sample alternates harmful and other prompts where it has both (`_write_pairs`).
+DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal", "looping")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 # An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
 # answers (reasoning + response, SmolLM2 tokens) run to 573 (benign) and 644 (borderline): at 320,
