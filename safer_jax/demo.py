@@ -97,8 +97,8 @@ SUPPORTIVE_COPIES = 6
 # from the decision pairs, and plain harmful compliance went from 10% to 37.5% (docs/results.md).
 # Flipped-rule pairs (a rule the trace lists, given the opposite verdict) are left out too. Sampled
 # with the borderline direction alone as a fifth kind (the seventeenth run), they cut benign and
-# borderline refusals to 1 each, and the model then called the prohibit rule "not violated" on 14 of
-# the 21 harmful prompts it answered (plain harmful compliance 30%); in both directions, in place of
+# borderline refusals to 1 each, and the model then answered 21 harmful prompts (plain harmful
+# compliance 30%), calling their prohibit rule "not violated" (7 of 8 decoded again); in both directions, in place of
 # the over-refusal pairs (the eighteenth), plain harmful compliance was 15% and 7 of 14 borderline
 # prompts were refused. Each moved the balance between refusing and answering, neither met more of
 # the targets than these four kinds (7 of 11 in the fourteenth and sixteenth runs; docs/results.md).

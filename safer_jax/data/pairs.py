@@ -230,8 +230,8 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     under the prohibit rule their words share); on a harmful one its prohibit rule becomes "not
     violated", or, for a framed request, either that or the permit rule it borrows "applies". The
     two directions belong together: trained on the borderline half alone (the seventeenth demo run),
-    the model learned "not violated" as the verdict of a prohibit rule and wrote it on 14 of the 21
-    harmful prompts it then answered (docs/results.md). Its draws come from a generator of its own,
+    the model learned "not violated" as the verdict of a prohibit rule, and answered 21 harmful
+    prompts, 13 of them after citing a prohibit rule (docs/results.md). Its draws come from a generator of its own,
     so the other kinds' pairs stay as they were without it.
     """
     out = []
