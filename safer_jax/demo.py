@@ -98,11 +98,11 @@ SUPPORTIVE_COPIES = 6
 # Flipped-rule pairs (a rule the trace lists, given the opposite verdict) are left out too. Sampled
 # with the borderline direction alone as a fifth kind (the seventeenth run), they cut benign and
 # borderline refusals to 1 each, and the model then answered 21 harmful prompts (plain harmful
-# compliance 30%), calling their prohibit rule "not violated" (7 of 8 decoded again); in both directions, in place of
-# the over-refusal pairs (the eighteenth), plain harmful compliance was 15% and 7 of 14 borderline
-# prompts were refused. Each moved the balance between refusing and answering, neither met more of
-# the targets than these four kinds (7 of 11 in the fourteenth and sixteenth runs; docs/results.md).
-# Each kind's sample alternates harmful and other prompts where it has both (`_write_pairs`).
+# compliance 30%), calling their prohibit rule "not violated" (7 of 8 decoded again); in both
+# directions, in place of the over-refusal pairs (the eighteenth), plain harmful compliance was 15%
+# and 7 of 14 borderline prompts were refused. Each moved the balance between refusing and
+# answering; neither met more of the targets than these four kinds (7 of 11 in the fourteenth and
+# sixteenth runs; docs/results.md).
 DECISION_KINDS = ("wrong_decision", "unsafe_response", "over_refusal", "looping")
 STAGES = ("baseline", "sft", "pairs", "prefopt", "final", "report")
 # An Ex-Ante answer is its reasoning (about 100 tokens) and then the response. The bundled training
@@ -597,13 +597,6 @@ def _write_sft_traces(path: Path, harmful_copies: int, supportive_copies: int | 
     return len(rows)
 
 
-def _alternate(group: list[Any], is_harmful: Callable[[Any], bool]) -> list[Any]:
-    """`group` reordered so that pairs from harmful and from other prompts take turns (each side in
-    its own order), the rest of the longer side at the end."""
-    sides = [p for p in group if is_harmful(p)], [p for p in group if not is_harmful(p)]
-    return [p for two in itertools.zip_longest(*sides) for p in two if p is not None]
-
-
 def _fits_rows(model: Path, seq_len: int) -> Callable[[Any], bool]:
     """Whether a pair's scored spans fit preference rows of `seq_len` with `model`'s tokenizer."""
     from safer_jax.data.pairs import encode_pair, fit_pair
@@ -615,8 +608,7 @@ def _fits_rows(model: Path, seq_len: int) -> Callable[[Any], bool]:
 
 def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) -> int:
     """Step pairs from the bundled traces (controlled corruptions), a balanced sample of `n` (0 = all)
-    over the kinds that decide the outcome (DECISION_KINDS) when sampled, harmful and other prompts
-    taking turns within a kind that has both (`_alternate`), of pairs that `fits` the
+    over the kinds that decide the outcome (DECISION_KINDS) when sampled, of pairs that `fits` the
     preference rows (a sampled pair the stage would drop is a share of its steps lost: half of the
     `looping` pairs, a whole response and more, are longer than the demo's 256 tokens)."""
     from safer_jax.data.pairs import make_pairs
@@ -624,9 +616,7 @@ def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) 
     from safer_jax.data.rules import load_rules
 
     rules = load_rules()
-    traces = load_traces(bundled("train_traces.jsonl"), rules)
-    harmful = {f"{t.id}-": t.label == "harmful" for t in traces}
-    pairs = make_pairs(traces, rules, seed=0)
+    pairs = make_pairs(load_traces(bundled("train_traces.jsonl"), rules), rules, seed=0)
     rng = random.Random(0)
     rng.shuffle(pairs)
     if n:
@@ -634,11 +624,7 @@ def _write_pairs(path: Path, n: int, fits: Callable[[Any], bool] | None = None) 
         for p in (p for p in pairs if p.kind in DECISION_KINDS):
             by_kind.setdefault(p.kind, []).append(p)
         per = math.ceil(n / len(by_kind))
-        pairs = [
-            p
-            for group in by_kind.values()
-            for p in itertools.islice(filter(fits, _alternate(group, lambda p: harmful[p.id[: -len(p.kind)]])), per)
-        ]
+        pairs = [p for group in by_kind.values() for p in itertools.islice(filter(fits, group), per)]
         rng.shuffle(pairs)
         pairs = pairs[:n]
     path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))

@@ -13,7 +13,6 @@ import time
 import pytest
 from xla_flags import xla_flags
 
-from safer_jax.data import bundled
 from safer_jax.demo import (
     DECODE_FIXED_ROWS,
     DECODE_MARGIN,
@@ -319,7 +318,7 @@ def test_sft_traces_repeat_harmful_ones_and_the_supportive_self_harm_answers_mor
     assert _write_sft_traces(out, 1) == len(traces)  # the quick demo's tiny model: each trace once
 
 
-def test_pairs_are_sampled_evenly_over_the_decision_kinds_from_those_that_fit(tmp_path, monkeypatch):
+def test_pairs_are_sampled_evenly_over_the_decision_kinds_from_those_that_fit(tmp_path):
     """`_write_pairs` samples n pairs evenly over DECISION_KINDS, skipping the pairs `fits` rejects
     (those the preference stage would drop), so every kind keeps its share of the steps."""
     from collections import Counter
@@ -337,17 +336,6 @@ def test_pairs_are_sampled_evenly_over_the_decision_kinds_from_those_that_fit(tm
     assert all(len(r["chosen"]) + len(r["rejected"]) < 900 for r in rows)
     looping = [r for r in rows if r["kind"] == "looping"]
     assert looping and all(r["chosen_final"] and not r["rejected_final"] for r in looping)
-    # a kind with pairs from both harmful and other prompts takes them in turns (flipped-rule pairs:
-    # 244 from harmful prompts, 110 from borderline ones)
-    import safer_jax.demo
-
-    monkeypatch.setattr(safer_jax.demo, "DECISION_KINDS", ("looping", "flipped_rule"))
-    _write_pairs(out, 20, short)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    label = {t["id"]: t["label"] for t in map(json.loads, bundled("train_traces.jsonl").read_text().splitlines())}
-    flipped = Counter(label[r["id"].removesuffix("-flipped_rule")] for r in rows if r["kind"] == "flipped_rule")
-    assert flipped == {"harmful": 5, "borderline": 5}, flipped
-    monkeypatch.undo()
     _write_pairs(out, 10 * len(DECISION_KINDS))  # no filter: the long looping pairs are sampled too
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert any(len(r["chosen"]) + len(r["rejected"]) >= 900 for r in rows)

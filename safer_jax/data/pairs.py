@@ -231,8 +231,8 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
     violated", or, for a framed request, either that or the permit rule it borrows "applies". The
     two directions belong together: trained on the borderline half alone (the seventeenth demo run),
     the model learned "not violated" as the verdict of a prohibit rule, and answered 21 harmful
-    prompts, 13 of them after citing a prohibit rule (docs/results.md). Its draws come from a generator of its own,
-    so the other kinds' pairs stay as they were without it.
+    prompts, 13 of them after citing a prohibit rule (docs/results.md). Its draws come from a
+    generator of its own, so the other kinds' pairs stay as they were without it.
     """
     out = []
     prohibit = [r for r in rules.of_kind("prohibit") if r.id not in trace.rules]
@@ -244,8 +244,8 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
         text = f"{wrong.citation()}: applies. {draw.choice(wrong.phrases['applies'])}"
         return _with_step(trace, rule_verification=text, **complies)
 
-    def clears(violated: Rule) -> Trace:
-        text = f"{violated.citation()}: not violated. {own.choice(violated.phrases['not_violated'])}"
+    def clears(violated: Rule, draw: random.Random) -> Trace:
+        text = f"{violated.citation()}: not violated. {draw.choice(violated.phrases['not_violated'])}"
         return _with_step(trace, rule_verification=text, **complies)
 
     def blocks(wrong: Rule, draw: random.Random) -> Trace:
@@ -264,7 +264,7 @@ def corruptions(trace: Trace, rules: RuleBook, rng: random.Random) -> list[tuple
         if borrowed is not None and (violated is None or own.random() < 0.5):
             out.append(("flipped_rule", 2, lets_through(borrowed, own)))
         elif violated is not None:
-            out.append(("flipped_rule", 2, clears(violated)))
+            out.append(("flipped_rule", 2, clears(violated, own)))
         out.append(("wrong_decision", 3, _with_step(trace, **complies)))
         out.append(("unsafe_response", 4, dataclasses.replace(trace, response=UNSAFE_OPENING)))
     elif trace.label in ("benign", "borderline") and prohibit:
